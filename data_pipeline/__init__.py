@@ -1,0 +1,1 @@
+"""Streaming tokenization pipeline (imported as ``hyperloop_dist.data``)."""

@@ -1,0 +1,1 @@
+"""Distributed evaluation (imported as ``hyperloop_dist.evaluation``)."""

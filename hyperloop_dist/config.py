@@ -1,0 +1,330 @@
+"""Typed run configuration: dataclasses loaded from YAML recipes, validated at load.
+
+The dataclass defaults *are* the ``tiny-cpu`` recipe (``hyperloop train`` with no recipe runs it).
+A recipe file sets any subset of fields; ``section.field=value`` overrides after the recipe are parsed
+as YAML scalars and validated the same way. Every error names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hyperloop_dist.model.hyper_connections import KINDS, LOOPED_KINDS
+
+
+class ConfigError(ValueError):
+    """A recipe or override names an unknown field or holds an invalid value."""
+
+
+@dataclass
+class HCConfig:
+    streams: int = 4
+    sinkhorn_iters: int = 20
+    per_loop_params: bool = True  # separate HC weights for each loop iteration (hyperloop)
+    alpha_init: float = 0.01
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "hyperloop"
+    hidden_size: int = 128
+    num_heads: int = 4
+    num_query_groups: int | None = None  # GQA; None = multi-head attention
+    ffn_hidden_size: int | None = None  # None = 8/3 * hidden rounded up to a multiple of 64 (SwiGLU)
+    begin_layers: int = 1
+    middle_layers: int = 2
+    end_layers: int = 1
+    loops: int = 3
+    vocab_size: int = 2048
+    seq_length: int = 128
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    loop_embedding: bool = True  # learned per-loop vector added to the middle block's output
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    hc: HCConfig = field(default_factory=HCConfig)
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return -(-int(8 * self.hidden_size / 3) // 64) * 64
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_heads
+
+    @property
+    def effective_depth(self) -> int:
+        return self.begin_layers + self.loops * self.middle_layers + self.end_layers
+
+    @property
+    def unique_layers(self) -> int:
+        if self.kind in LOOPED_KINDS:
+            return self.begin_layers + self.middle_layers + self.end_layers
+        return self.effective_depth
+
+    def as_kind(self, kind: str) -> ModelConfig:
+        """The same network at matched effective depth, as another kind (for baselines)."""
+        return dataclasses.replace(self, kind=kind, hc=dataclasses.replace(self.hc))
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "megatron"
+    nproc_per_node: int = 2
+    nnodes: int = 1
+    tp: int = 1
+    pp: int = 1
+    backend: str = "auto"  # auto = nccl with CUDA, gloo without
+    timeout_s: int = 600
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "shakespeare"  # a built-in corpus name (obtained on first use), or "dir"
+    dir: str = "data/shakespeare"  # text files (*.txt) of the corpus
+    tokenizer: str = "data/shakespeare/tokenizer.model"
+    heldout_fraction: float = 0.02
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 1234
+    precision: str = "fp32"
+    run_dir: str = "runs/tiny-cpu"
+    log_interval: int = 10
+    save_interval: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    threads_per_rank: int = 1
+
+
+@dataclass
+class LoggingConfig:
+    wandb_project: str | None = None  # None = offline run under run_dir/wandb
+    wandb_mode: str = "offline"
+    wandb_entity: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.nproc_per_node * self.parallel.nnodes
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // (self.parallel.tp * self.parallel.pp)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_type(path: str, value: Any, annotation: Any) -> Any:
+    """Coerce/validate a YAML value against a field annotation; raise ConfigError naming the field."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _check_type(path, value, inner[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - all fields are scalars or sections
+        raise TypeError(f"unsupported annotation {annotation} for {path}")
+    raise ConfigError(f"{path}={value!r}: expected {annotation.__name__}, got {type(value).__name__}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping of fields, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known fields: {', '.join(names)}"
+            raise ConfigError(f"unknown field '{path}'{hint}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value, f"{path}.")
+        else:
+            kwargs[key] = _check_type(path, value, annotation)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.steps=50", "model.kind=mhc"]`` -> nested dict (values parsed as YAML scalars)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or "." not in key:
+            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. train.steps=50")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a recipe (None = the embedded tiny-cpu default), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {str(path)!r} does not exist; recipes live in recipes/*.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
+        tree = loaded or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"recipe {str(path)!r}: expected a mapping of sections at the top level")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _one_of(path: str, value: Any, allowed: tuple) -> None:
+    _require(value in allowed, f"{path}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(path: str, value: float, zero_ok: bool = False) -> None:
+    ok = value >= 0 if zero_ok else value > 0
+    _require(ok, f"{path}={value!r}: must be {'>= 0' if zero_ok else '> 0'}")
+
+
+def validate(cfg: Config) -> None:
+    m, p, o, d, t = cfg.model, cfg.parallel, cfg.optim, cfg.data, cfg.train
+    _one_of("model.kind", m.kind, KINDS)
+    for name in ("hidden_size", "num_heads", "middle_layers", "loops", "vocab_size", "seq_length"):
+        _positive(f"model.{name}", getattr(m, name))
+    _positive("model.begin_layers", m.begin_layers, zero_ok=True)
+    _positive("model.end_layers", m.end_layers, zero_ok=True)
+    _require(m.hidden_size % m.num_heads == 0,
+             f"model.hidden_size={m.hidden_size}: must be divisible by model.num_heads={m.num_heads}")
+    _require((m.hidden_size // m.num_heads) % 2 == 0,
+             f"model.hidden_size/model.num_heads={m.hidden_size // m.num_heads}: RoPE needs an even head size")
+    if m.num_query_groups is not None:
+        _positive("model.num_query_groups", m.num_query_groups)
+        _require(m.num_heads % m.num_query_groups == 0,
+                 f"model.num_query_groups={m.num_query_groups}: must divide model.num_heads={m.num_heads}")
+    if m.ffn_hidden_size is not None:
+        _positive("model.ffn_hidden_size", m.ffn_hidden_size)
+    _positive("model.hc.streams", m.hc.streams)
+    _positive("model.hc.sinkhorn_iters", m.hc.sinkhorn_iters)
+    _positive("model.norm_eps", m.norm_eps)
+    _positive("model.init_std", m.init_std)
+
+    _one_of("parallel.engine", p.engine, ("megatron",))
+    _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
+    for name in ("nproc_per_node", "nnodes", "tp", "pp", "timeout_s"):
+        _positive(f"parallel.{name}", getattr(p, name))
+    _require(p.tp == 1, f"parallel.tp={p.tp}: tensor parallel is not available yet (issue #3); use parallel.tp=1")
+    _require(p.pp == 1, f"parallel.pp={p.pp}: pipeline parallel is not available yet (issue #3); use parallel.pp=1")
+    _require(cfg.world_size % (p.tp * p.pp) == 0,
+             f"parallel.nproc_per_node*parallel.nnodes={cfg.world_size}: must be divisible by tp*pp={p.tp * p.pp}")
+
+    _positive("optim.lr", o.lr)
+    _positive("optim.min_lr", o.min_lr, zero_ok=True)
+    _require(o.min_lr <= o.lr, f"optim.min_lr={o.min_lr}: must be <= optim.lr={o.lr}")
+    _positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
+    _one_of("optim.schedule", o.schedule, ("cosine", "linear", "constant"))
+    _positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    for name in ("beta1", "beta2"):
+        value = getattr(o, name)
+        _require(0 <= value < 1, f"optim.{name}={value}: must be in [0, 1)")
+    _positive("optim.grad_clip", o.grad_clip, zero_ok=True)
+
+    _one_of("data.corpus", d.corpus, ("shakespeare", "dir"))
+    _require(0 < d.heldout_fraction < 0.5, f"data.heldout_fraction={d.heldout_fraction}: must be in (0, 0.5)")
+
+    for name in ("steps", "micro_batch_size", "grad_accum", "log_interval", "keep_last", "threads_per_rank"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.save_interval", t.save_interval, zero_ok=True)
+    _one_of("train.precision", t.precision, ("fp32", "bf16"))
+    _require(t.run_dir != "", "train.run_dir: must name a directory")
+    _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))

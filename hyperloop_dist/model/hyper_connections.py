@@ -1,0 +1,142 @@
+"""The Hyperloop math: mHC hyper-connections and the begin / looped middle / end topology.
+
+Plain PyTorch, no Megatron: both the Megatron model (``hyperloop.py``) and its plain twin
+(``reference.py``) run their blocks through :func:`run_body`, so the four model kinds differ only here.
+
+Residual state ``S`` has shape ``[s, b, n, d]`` (n streams of width d, Megatron's sequence-first layout).
+One hyper-connection wraps a function ``F`` (the whole middle block for ``hyperloop``, one layer for
+``mhc``)::
+
+    z      = RMSNorm(flatten(S))                        # [s, b, n*d]
+    H_pre  = sigmoid(a_pre  * z W_pre  + b_pre)          # [s, b, n]     read weights
+    H_post = 2 sigmoid(a_post * z W_post + b_post)       # [s, b, n]     write weights
+    H_res  = Sinkhorn(a_res * z W_res + b_res)           # [s, b, n, n]  doubly stochastic stream mixing
+    x      = H_pre . S                                   # [s, b, d]
+    S'     = H_res . S + H_post^T (F(x) - x)
+
+Our reading (PAPER.md writes ``H_post^T y`` with ``y = F(x)``): our blocks carry their own residual
+connections, so the hyper-connection wraps the block's residual *branch* ``F(x) - x`` and the identity path
+runs through ``H_res``, as in the HC papers. Feeding ``F(x)`` itself would add the stream to itself every
+loop. With n = 1 and the gates at identity this reduces exactly to the plain looped model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+Block = Callable[[torch.Tensor], torch.Tensor]
+
+KINDS = ("transformer", "mhc", "looped", "hyperloop")
+LOOPED_KINDS = ("looped", "hyperloop")
+HC_KINDS = ("mhc", "hyperloop")
+
+
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Project ``[..., n, n]`` logits to doubly stochastic matrices (Sinkhorn-Knopp, in log space).
+
+    Alternately normalizes rows and columns of ``exp(logits)``; the last step normalizes columns, so
+    columns sum to 1 exactly and rows to within the iteration's convergence.
+    """
+    log_p = logits.float()
+    for _ in range(iters):
+        log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+        log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)
+    return log_p.exp().to(logits.dtype)
+
+
+def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``[s, b, d] -> [s, b, n, d]``: every stream starts as a copy of the input."""
+    return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).contiguous()
+
+
+def collapse_streams(streams: torch.Tensor) -> torch.Tensor:
+    """``[s, b, n, d] -> [s, b, d]``: the mean of the streams (equals the input when streams are equal)."""
+    return streams.mean(dim=-2)
+
+
+class HyperConnection(nn.Module):
+    """One dynamic mHC hyper-connection over ``n`` streams of width ``d``.
+
+    Initialized to behave like a plain residual connection: ``H_pre`` reads the stream mean, ``H_post``
+    writes 1 to every stream, ``H_res`` is near identity; the dynamic parts are scaled by small alphas.
+    """
+
+    def __init__(self, hidden_size: int, streams: int, sinkhorn_iters: int = 20, alpha_init: float = 0.01,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        n, d = streams, hidden_size
+        self.streams, self.sinkhorn_iters = n, sinkhorn_iters
+        self.norm = nn.RMSNorm(n * d, eps=eps, elementwise_affine=False)
+        # W_pre | W_post | W_res fused into one projection: [(n*d) -> n + n + n*n].
+        self.proj = nn.Linear(n * d, 2 * n + n * n, bias=False)
+        self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))
+        read = min(1.0 / n, 1.0 - 1e-7)  # sigmoid can't reach 1; 1 - 1e-7 rounds to 1 in float32
+        self.bias_pre = nn.Parameter(torch.full((n,), math.log(read / (1.0 - read))))
+        self.bias_post = nn.Parameter(torch.zeros(n))  # 2 * sigmoid(0) = 1
+        self.bias_res = nn.Parameter(8.0 * torch.eye(n))  # Sinkhorn(8 I) ~ I for small n
+        nn.init.normal_(self.proj.weight, std=0.02)
+
+    def gates(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``H_pre [.., n]``, ``H_post [.., n]``, ``H_res [.., n, n]`` for residual state ``[.., n, d]``."""
+        n = self.streams
+        z = self.norm(streams.flatten(-2))
+        raw_pre, raw_post, raw_res = self.proj(z).split((n, n, n * n), dim=-1)
+        h_pre = torch.sigmoid(self.alpha[0] * raw_pre + self.bias_pre)
+        h_post = 2.0 * torch.sigmoid(self.alpha[1] * raw_post + self.bias_post)
+        res_logits = self.alpha[2] * raw_res.unflatten(-1, (n, n)) + self.bias_res
+        return h_pre, h_post, sinkhorn(res_logits, self.sinkhorn_iters)
+
+    def forward(self, streams: torch.Tensor, block: Block, out_bias: torch.Tensor | None = None) -> torch.Tensor:
+        h_pre, h_post, h_res = self.gates(streams)
+        x = torch.einsum("...n,...nd->...d", h_pre, streams)
+        branch = block(x) - x
+        if out_bias is not None:
+            branch = branch + out_bias
+        mixed = torch.einsum("...ij,...jd->...id", h_res, streams)
+        return mixed + h_post.unsqueeze(-1) * branch.unsqueeze(-2)
+
+
+def num_hyper_connections(kind: str, loops: int, depth: int, per_loop_params: bool) -> int:
+    """How many distinct HyperConnection modules a kind owns (0 for the kinds without HC)."""
+    if kind == "mhc":
+        return depth
+    if kind == "hyperloop":
+        return loops if per_loop_params else 1
+    return 0
+
+
+def run_body(kind: str, x: torch.Tensor, *, begin: Block | None, middle: Block, end: Block | None,
+             loops: int, layers: Sequence[Block] = (), hcs: Sequence[HyperConnection] = (),
+             loop_embedding: torch.Tensor | None = None, streams: int = 1) -> torch.Tensor:
+    """Run the layer stack of any model kind on embeddings ``x [s, b, d]``.
+
+    ``begin``/``middle``/``end`` are the three blocks (begin/end None when empty). ``layers`` lists every
+    layer in order (used by ``mhc``, which wraps each layer in its own hyper-connection). ``hcs`` are the
+    kind's HyperConnection modules; for ``hyperloop`` with one shared module it is reused every loop.
+    ``loop_embedding[i]`` is added to loop i's output (looped kinds).
+    """
+    if kind == "mhc":
+        state = expand_streams(x, streams)
+        for hc, layer in zip(hcs, layers, strict=True):
+            state = hc(state, layer)
+        return collapse_streams(state)
+    if begin is not None:
+        x = begin(x)
+    if kind == "hyperloop":
+        state = expand_streams(x, streams)
+        for i in range(loops):
+            bias = None if loop_embedding is None else loop_embedding[i]
+            state = hcs[i % len(hcs)](state, middle, bias)
+        x = collapse_streams(state)
+    else:
+        for i in range(loops if kind == "looped" else 1):
+            x = middle(x)
+            if loop_embedding is not None:
+                x = x + loop_embedding[i]
+    if end is not None:
+        x = end(x)
+    return x

@@ -1,0 +1,176 @@
+"""The same network as ``hyperloop.py`` in plain PyTorch: the test oracle and the loader for releases.
+
+Name mapping from the Megatron model's (TP=1, PP=1) state dict: parameter names are identical for the
+local layer spec, so a Megatron state dict loads with ``load_state_dict`` after
+:func:`from_megatron_state_dict`, which
+
+* drops Megatron's ``*._extra_state`` entries (Transformer Engine bookkeeping, no tensors we need), and
+* maps the Transformer-Engine spec's fused-norm names:
+  ``*.self_attention.linear_qkv.layer_norm_weight -> *.input_layernorm.weight`` and
+  ``*.mlp.linear_fc1.layer_norm_weight -> *.pre_mlp_layernorm.weight``.
+
+Layouts (same as Megatron): ``linear_qkv.weight`` is ``[groups * (heads/groups + 2) * head_dim, hidden]``
+with each query group's ``q`` heads, then its ``k``, then its ``v``; ``linear_fc1.weight`` is
+``[2 * ffn, hidden]`` with the SiLU gate rows first and the up-projection rows second. Parameter names:
+
+=================================================  ==========================================
+``embedding.word_embeddings.weight``               token embedding ``[vocab, hidden]``
+``{begin,middle,end}.layers.{i}.*``                 Transformer layers (see above)
+``hc.{k}.proj.weight / alpha / bias_*``             hyper-connections (kinds mhc, hyperloop)
+``loop_embedding``                                  ``[loops, hidden]`` (looped kinds, optional)
+``final_norm.weight``                               final RMSNorm
+``output_layer.weight``                             LM head (absent when embeddings are tied)
+=================================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyperloop_dist.config import ModelConfig
+from hyperloop_dist.model.hyper_connections import run_body
+from hyperloop_dist.model.layout import block_sizes, make_hyper_connections, make_loop_embedding
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float, device: torch.device | None = None) -> torch.Tensor:
+    """RoPE angles ``[s, 1, 1, head_dim]`` (non-interleaved halves), as Megatron's RotaryEmbedding."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+
+
+def apply_rope(t: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    half1, half2 = t.chunk(2, dim=-1)
+    rotated = torch.cat((-half2, half1), dim=-1)
+    return t * angles.cos().to(t.dtype) + rotated * angles.sin().to(t.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.groups = cfg.num_heads, cfg.query_groups
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        qkv_out = self.groups * (self.heads // self.groups + 2) * self.head_dim
+        self.linear_qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
+        self.linear_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        s, b, _ = x.shape
+        per_group = self.heads // self.groups
+        qkv = self.linear_qkv(x).view(s, b, self.groups, (per_group + 2) * self.head_dim)
+        q, k, v = qkv.split((per_group * self.head_dim, self.head_dim, self.head_dim), dim=-1)
+        q = q.reshape(s, b, self.heads, self.head_dim)
+        q, k = apply_rope(q, angles), apply_rope(k, angles)
+        # [s, b, h, d] -> [b, h, s, d]; GQA: each group's k/v serves its per_group query heads.
+        q = q.permute(1, 2, 0, 3)
+        k = k.repeat_interleave(per_group, dim=2).permute(1, 2, 0, 3)
+        v = v.repeat_interleave(per_group, dim=2).permute(1, 2, 0, 3)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=False)
+        self.linear_fc2 = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear_fc1(x).chunk(2, dim=-1)
+        return self.linear_fc2(F.silu(gate) * up)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.self_attention = Attention(cfg)
+        self.pre_mlp_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), angles)
+        return x + self.mlp(self.pre_mlp_layernorm(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, angles)
+        return x
+
+
+class ReferenceModel(nn.Module):
+    """Plain-PyTorch twin of :class:`hyperloop_dist.model.hyperloop.HyperloopModel` (all four kinds)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        sizes = block_sizes(cfg)
+        self.embedding = nn.Module()
+        self.embedding.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.begin = Block(cfg, sizes["begin"]) if sizes["begin"] else None
+        self.middle = Block(cfg, sizes["middle"])
+        self.end = Block(cfg, sizes["end"]) if sizes["end"] else None
+        self.hc: nn.ModuleList = make_hyper_connections(cfg)
+        self.loop_embedding = make_loop_embedding(cfg)
+        self.final_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.output_layer = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, param in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "final_norm.weight":
+                continue
+            if name.startswith("hc.") or name == "loop_embedding":
+                continue  # HyperConnection / loop embedding keep their own identity-like init
+            nn.init.normal_(param, std=std)
+
+    def blocks(self) -> list[Block]:
+        return [b for b in (self.begin, self.middle, self.end) if b is not None]
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[s, b, d]`` for tokens ``[b, s]``."""
+        cfg = self.cfg
+        x = self.embedding.word_embeddings(tokens).transpose(0, 1)
+        angles = rope_tables(tokens.shape[1], cfg.hidden_size // cfg.num_heads, cfg.rope_base, x.device)
+        layers = [lambda h, layer=layer: layer(h, angles) for blk in self.blocks() for layer in blk.layers]
+        x = run_body(
+            cfg.kind, x,
+            begin=None if self.begin is None else (lambda h: self.begin(h, angles)),
+            middle=lambda h: self.middle(h, angles),
+            end=None if self.end is None else (lambda h: self.end(h, angles)),
+            loops=cfg.loops, layers=layers, hcs=list(self.hc),
+            loop_embedding=self.loop_embedding, streams=cfg.hc.streams,
+        )
+        return self.final_norm(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[b, s, vocab]`` for tokens ``[b, s]``."""
+        weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+        return F.linear(self.hidden(tokens), weight).transpose(0, 1)
+
+
+def from_megatron_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a (TP=1, PP=1 or consolidated) Megatron state dict to :class:`ReferenceModel` names."""
+    renames = {
+        ".self_attention.linear_qkv.layer_norm_weight": ".input_layernorm.weight",
+        ".mlp.linear_fc1.layer_norm_weight": ".pre_mlp_layernorm.weight",
+    }
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name.endswith("_extra_state") or tensor is None:
+            continue
+        for old, new in renames.items():
+            if name.endswith(old):
+                name = name[: -len(old)] + new
+        out[name] = tensor
+    return out
+
