@@ -1,0 +1,144 @@
+"""Pre-tokenized corpus on disk and the deterministic, step-indexed batches drawn from it.
+
+``prepare_corpus`` turns the corpus into ``tokens/train.bin`` and ``tokens/heldout.bin`` (documents
+joined with EOS, uint16/uint32) with a ``meta.json`` that records the tokenizer's hash, so a changed
+tokenizer rebuilds the tokens. ``WindowSampler`` cuts ``seq_len + 1`` windows and assigns them to
+(step, micro-batch, DP rank) by a seeded permutation: the global batch of a step does not depend on how it
+is split over ranks, and resuming at step k yields exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hyperloop_dist.config import Config
+from hyperloop_dist.data.corpus import corpus_files, document_group, obtain_shakespeare
+from hyperloop_dist.data.tokenizer import EOS_ID, load_tokenizer, train_tokenizer
+
+TOKENIZER_SAMPLE_BYTES = 32 * 1024 * 1024
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def split_files(files: list[Path], heldout_fraction: float) -> tuple[list[Path], list[Path]]:
+    """Held-out = whole works (all their spelling variants), chosen by a stable hash of the work's name."""
+    members: dict[str, int] = {}
+    for f in files:
+        members[document_group(f)] = members.get(document_group(f), 0) + 1
+    if len(members) < 2:
+        raise ValueError("the corpus needs at least two works to hold one out; add more *.txt files")
+    # Where some works come in several versions, a single-file work may be a version filed under another
+    # spelling of its name: hold out only works whose versions are all known to be in the group.
+    candidates = [g for g, n in members.items() if n > 1] or list(members)
+    candidates.sort(key=lambda g: hashlib.sha1(g.encode()).hexdigest())
+    n_heldout = min(len(candidates), max(1, round(heldout_fraction * len(members))))
+    heldout_groups = set(candidates[:n_heldout])
+    train = [f for f in files if document_group(f) not in heldout_groups]
+    heldout = [f for f in files if document_group(f) in heldout_groups]
+    return train, heldout
+
+
+def _write_tokens(sp, files: list[Path], out: Path, dtype: np.dtype) -> int:
+    ids: list[int] = []
+    for f in files:
+        ids.extend(sp.encode(f.read_text(encoding="utf-8", errors="replace")))
+        ids.append(EOS_ID)
+    arr = np.asarray(ids, dtype=dtype)
+    tmp = out.with_suffix(".tmp")
+    arr.tofile(tmp)
+    tmp.replace(out)
+    return int(arr.size)
+
+
+def prepare_corpus(cfg: Config, log=print) -> Path:  # noqa: ANN001
+    """Obtain the corpus, train the tokenizer if missing, tokenize; idempotent. Returns the tokens dir."""
+    d = cfg.data
+    if d.corpus == "shakespeare":
+        obtain_shakespeare(d.dir)
+    files = corpus_files(d.dir)
+    tok_path = Path(d.tokenizer)
+    if not tok_path.is_file():
+        log(f"training a {cfg.model.vocab_size}-piece BPE tokenizer on {len(files)} files in {d.dir}")
+        sample, size = [], 0
+        for f in files:
+            text = f.read_text(encoding="utf-8", errors="replace")
+            sample.append(text)
+            size += len(text)
+            if size >= TOKENIZER_SAMPLE_BYTES:
+                break
+        train_tokenizer(sample, cfg.model.vocab_size, tok_path)
+    sp = load_tokenizer(tok_path, cfg.model.vocab_size)
+    tokens_dir = Path(d.dir) / "tokens"
+    meta_path = tokens_dir / "meta.json"
+    tok_hash = _sha256(tok_path)
+    key = {"tokenizer_sha256": tok_hash, "heldout_fraction": d.heldout_fraction,
+           "files": [f.name for f in files]}
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if {k: meta.get(k) for k in key} == key:
+            return tokens_dir
+    tokens_dir.mkdir(parents=True, exist_ok=True)
+    dtype = np.dtype(np.uint16 if sp.vocab_size() <= 65536 else np.uint32)
+    train_files, heldout_files = split_files(files, d.heldout_fraction)
+    n_train = _write_tokens(sp, train_files, tokens_dir / "train.bin", dtype)
+    n_heldout = _write_tokens(sp, heldout_files, tokens_dir / "heldout.bin", dtype)
+    meta = {**key, "dtype": dtype.name, "train_tokens": n_train, "heldout_tokens": n_heldout,
+            "heldout_files": [f.name for f in heldout_files]}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    log(f"tokenized {len(train_files)} train files ({n_train:,} tokens) and "
+        f"{len(heldout_files)} held-out files ({n_heldout:,} tokens) into {tokens_dir}")
+    return tokens_dir
+
+
+def load_tokens(tokens_dir: str | Path, split: str) -> np.ndarray:
+    tokens_dir = Path(tokens_dir)
+    meta_path = tokens_dir / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found; run `hyperloop data prepare` first")
+    meta = json.loads(meta_path.read_text())
+    return np.memmap(tokens_dir / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+
+
+@dataclass
+class WindowSampler:
+    """Windows of ``seq_len + 1`` tokens, drawn for (step, micro-batch, rank) by a per-epoch permutation."""
+
+    tokens: np.ndarray
+    seq_len: int
+    micro_batch_size: int
+    grad_accum: int
+    dp_size: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        self.num_windows = (len(self.tokens) - 1) // self.seq_len
+        if self.num_windows < 1:
+            raise ValueError(f"{len(self.tokens)} tokens are fewer than one window of {self.seq_len + 1}")
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    @property
+    def windows_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.dp_size
+
+    def _window(self, index: int) -> np.ndarray:
+        epoch, pos = divmod(index, self.num_windows)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._perm_epoch = epoch
+        start = int(self._perm[pos]) * self.seq_len
+        return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+
+    def batch(self, step: int, micro: int, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, labels), each ``[micro_batch_size, seq_len]``."""
+        first = step * self.windows_per_step + (micro * self.dp_size + dp_rank) * self.micro_batch_size
+        rows = np.stack([self._window(first + k) for k in range(self.micro_batch_size)])
+        data = torch.from_numpy(rows)
+        return data[:, :-1].contiguous(), data[:, 1:].contiguous()

@@ -1,0 +1,72 @@
+"""Parameter and FLOP accounting for a recipe and its baselines at matched effective depth.
+
+Counts come from the real module tree (the reference model built on the meta device, so a 7B recipe
+costs no memory); its parameter set equals the Megatron model's (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hyperloop_dist.config import ModelConfig
+from hyperloop_dist.model.hyper_connections import KINDS
+from hyperloop_dist.model.reference import ReferenceModel
+
+
+@dataclass
+class ParamReport:
+    kind: str
+    total: int
+    embedding: int
+    hc: int
+    unique_layers: int
+    effective_depth: int
+    train_flops_per_token: float
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding
+
+
+def report(cfg: ModelConfig) -> ParamReport:
+    with torch.device("meta"):
+        model = ReferenceModel(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.embedding.word_embeddings.weight.numel()
+    hc = sum(p.numel() for p in model.hc.parameters())
+    if model.loop_embedding is not None:
+        hc += model.loop_embedding.numel()  # counted with the HC overhead: it exists only for looping
+    layer = sum(p.numel() for p in model.middle.layers[0].parameters() if p.dim() == 2)
+    head = cfg.vocab_size * cfg.hidden_size
+    hc_proj = model.hc[0].proj.weight.numel() if len(model.hc) else 0
+    hc_applications = {"mhc": cfg.effective_depth, "hyperloop": cfg.loops}.get(cfg.kind, 0)
+    # Matmul parameters touched per token, loop repeats included (the embedding is a lookup).
+    matmul = cfg.effective_depth * layer + head + hc_applications * hc_proj
+    attention = 2 * 2 * cfg.effective_depth * cfg.seq_length * cfg.hidden_size  # QK^T and AV, forward
+    flops = 3 * (2 * matmul + attention)  # forward + backward (2x forward)
+    return ParamReport(cfg.kind, total, embedding, hc, cfg.unique_layers, cfg.effective_depth, flops)
+
+
+def compare_kinds(cfg: ModelConfig) -> list[ParamReport]:
+    """The recipe's kind first, then every other kind at the same effective depth."""
+    order = [cfg.kind] + [k for k in KINDS if k != cfg.kind]
+    return [report(cfg.as_kind(kind)) for kind in order]
+
+
+def format_table(reports: list[ParamReport]) -> str:
+    base = next(r for r in reports if r.kind == "transformer")
+    header = ("kind", "total", "non-emb", "HC params", "HC %", "unique/eff. layers", "train GFLOP/tok",
+              "params vs transformer")
+    rows = [header]
+    for r in reports:
+        rows.append((
+            r.kind, f"{r.total / 1e6:,.1f}M", f"{r.non_embedding / 1e6:,.1f}M", f"{r.hc:,}",
+            f"{100 * r.hc / r.total:.3f}%", f"{r.unique_layers}/{r.effective_depth}",
+            f"{r.train_flops_per_token / 1e9:.3f}", f"{r.total / base.total:.3f}",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Process group and Megatron parallel state for one rank."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from hyperloop_dist.config import Config
+from hyperloop_dist.parallel import cpu_shim
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(cfg: Config) -> RankInfo:
+    """Join the process group named by torchrun's environment and initialize Megatron's parallel state."""
+    from megatron.core import parallel_state
+
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"not launched by torchrun/srun: {', '.join(missing)} unset; use `hyperloop train`")
+    world_size = int(os.environ["WORLD_SIZE"])
+    if world_size != cfg.world_size:
+        raise RuntimeError(
+            f"the launcher started {world_size} processes but the recipe asks for "
+            f"parallel.nproc_per_node*parallel.nnodes={cfg.world_size}; make them agree"
+        )
+    torch.set_num_threads(cfg.train.threads_per_rank)
+    cpu_shim.enable()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if cpu_shim.cuda_available() else "gloo"
+    if cpu_shim.cuda_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp
+    )
+    cpu_shim.seed_model_parallel(cfg.train.seed)
+    return RankInfo(
+        rank=dist.get_rank(), world_size=world_size, local_rank=local_rank,
+        dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def shutdown_distributed() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,182 @@
+"""The training loop of one rank: Megatron DDP + Megatron optimizer around the model, step by step."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hyperloop_dist.checkpoint import training_state
+from hyperloop_dist.checkpoint.store import find_resumable, save_checkpoint
+from hyperloop_dist.config import Config, dump_config
+from hyperloop_dist.data.token_windows import WindowSampler, load_tokens, prepare_corpus
+from hyperloop_dist.model.hyperloop import HyperloopModel, build_model
+from hyperloop_dist.parallel import cpu_shim
+from hyperloop_dist.parallel.distributed import RankInfo, init_distributed, shutdown_distributed
+from hyperloop_dist.train.metrics import MetricsLogger, window_mean
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    losses: list[float]
+    tokens_per_s: float
+
+
+def build_training(cfg: Config):  # noqa: ANN201 - returns Megatron objects
+    """(DDP-wrapped model, optimizer, LR scheduler) for this rank."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    if cfg.train.precision == "bf16" and not cpu_shim.cuda_available():
+        raise SystemExit("train.precision=bf16 needs a GPU; use train.precision=fp32 on CPU")
+    model = build_model(cfg.model, tp=cfg.parallel.tp, pp=cfg.parallel.pp, precision=cfg.train.precision)
+    if cpu_shim.cuda_available():
+        model.cuda()
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    with cpu_shim.device_mode():
+        ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    o = cfg.optim
+    bf16 = cfg.train.precision == "bf16"
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
+        adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=False,
+    )
+    with cpu_shim.device_mode():
+        optimizer = get_megatron_optimizer(opt_config, [ddp])
+    decay_style = {"cosine": "cosine", "linear": "linear", "constant": "constant"}[o.schedule]
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(cfg.train.steps, o.warmup_steps + 1), lr_decay_style=decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.train.steps, wd_incr_style="constant",
+    )
+    return ddp, optimizer, scheduler
+
+
+def unwrap(ddp) -> HyperloopModel:  # noqa: ANN001
+    return ddp.module
+
+
+def train_step(cfg: Config, ddp, optimizer, sampler: WindowSampler, step: int, info: RankInfo):  # noqa: ANN001
+    """One optimizer step over ``grad_accum`` micro-batches; returns (DP-mean loss, grad norm)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    total = torch.zeros(())
+    for micro in range(cfg.train.grad_accum):
+        tokens, labels = sampler.batch(step, micro, info.dp_rank)
+        device = cpu_shim.device()
+        loss = ddp(tokens.to(device), labels=labels.to(device)).mean() / cfg.train.grad_accum
+        loss.backward()
+        total += loss.detach().float().cpu()
+    with cpu_shim.device_mode():
+        finalize_model_grads([ddp])
+        _, grad_norm, _ = optimizer.step()
+    if info.dp_size > 1:
+        dist.all_reduce(total, group=_dp_group())
+        total /= info.dp_size
+    return float(total), float(grad_norm if grad_norm is not None else math.nan)
+
+
+def _dp_group():  # noqa: ANN202
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def run_training(cfg: Config) -> TrainResult:
+    """Entry point of every rank (called by the launcher)."""
+    info = init_distributed(cfg)
+    try:
+        return _train(cfg, info)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: Config, info: RankInfo) -> TrainResult:
+    run_dir = Path(cfg.train.run_dir)
+    say = print if info.is_main else (lambda *a, **k: None)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        prepare_corpus(cfg, log=say)  # a no-op when `hyperloop train` prepared it before launching
+    dist.barrier()
+    ddp, optimizer, scheduler = build_training(cfg)
+    model = unwrap(ddp)
+    tokens_dir = Path(cfg.data.dir) / "tokens"
+    sampler = WindowSampler(load_tokens(tokens_dir, "train"), cfg.model.seq_length, cfg.train.micro_batch_size,
+                            cfg.train.grad_accum, info.dp_size, cfg.train.seed)
+
+    start_step = 0
+    resume_from = find_resumable(run_dir, log=say)
+    if resume_from is not None:
+        start_step = training_state.load(resume_from, cfg, model, optimizer, scheduler)
+        say(f"resumed from {resume_from} at step {start_step}")
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"{cfg.model.kind}: {n_params:,} parameters | {info.world_size} ranks (dp={info.dp_size}) | "
+        f"{sampler.windows_per_step * cfg.model.seq_length:,} tokens/step | run dir {run_dir}")
+
+    logger = MetricsLogger(cfg, run_dir, info.is_main, cfg.train.steps)
+    tokens_per_step = sampler.windows_per_step * cfg.model.seq_length
+    losses: list[float] = []
+    tick, t_start, tokens_seen = time.perf_counter(), time.perf_counter(), 0
+    step = start_step
+    try:
+        for step in range(start_step, cfg.train.steps):
+            loss, grad_norm = train_step(cfg, ddp, optimizer, sampler, step, info)
+            scheduler.step(increment=1)
+            losses.append(loss)
+            tokens_seen += tokens_per_step
+            done = step + 1
+            if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
+                now = time.perf_counter()
+                steps_in_window = (done - start_step) % cfg.train.log_interval or cfg.train.log_interval
+                record = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                          "grad_norm": grad_norm,
+                          "tokens_per_s": steps_in_window * tokens_per_step / max(now - tick, 1e-9),
+                          "tokens": done * tokens_per_step}
+                tick = now
+                logger.log(record)
+                logger.progress(record)
+            if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
+                _save(cfg, run_dir, done, model, optimizer, scheduler, info)
+        final = cfg.train.steps
+        if step + 1 == final and final > start_step:
+            _save(cfg, run_dir, final, model, optimizer, scheduler, info)
+    finally:
+        logger.close()
+    elapsed = time.perf_counter() - t_start
+    tps = tokens_seen / max(elapsed, 1e-9)
+    if losses:
+        n = min(100, max(1, len(losses) // 3))
+        logger.summary([
+            ("model", f"{cfg.model.kind} ({n_params:,} params)"),
+            ("steps", f"{start_step} -> {cfg.train.steps}"),
+            (f"loss, first {n} steps (mean)", f"{window_mean(losses, True, n):.4f}"),
+            (f"loss, last {n} steps (mean)", f"{window_mean(losses, False, n):.4f}"),
+            ("tokens/s", f"{tps:,.0f}"),
+            ("wall time", f"{elapsed:.1f} s"),
+            ("run dir", str(run_dir)),
+        ])
+    else:
+        say(f"nothing to do: {run_dir} already holds a checkpoint at step {start_step} >= train.steps")
+    return TrainResult(final_step=cfg.train.steps, losses=losses, tokens_per_s=tps)
+
+
+def _save(cfg: Config, run_dir: Path, step: int, model, optimizer, scheduler, info: RankInfo) -> None:  # noqa: ANN001
+    # TP=PP=1 here: every DP rank holds the full model, rank 0 writes it.
+    if info.is_main:
+        path = save_checkpoint(run_dir, step, lambda d: training_state.write(d, cfg, step, model, optimizer,
+                                                                              scheduler),
+                               cfg.train.keep_last)
+        print(f"saved checkpoint {path}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
