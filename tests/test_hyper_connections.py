@@ -1,0 +1,74 @@
+"""The mHC math on its own (no Megatron)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyperloop_dist.model.hyper_connections import (
+    HyperConnection,
+    collapse_streams,
+    expand_streams,
+    num_hyper_connections,
+    sinkhorn,
+)
+
+
+SHAPES = [(1, 1), (2, 2), (4, 4), (8, 8), (3, 5, 4, 4), (16, 2, 6, 6)]
+
+
+def _assert_doubly_stochastic(out: torch.Tensor) -> None:
+    shape = out.shape
+    assert (out >= 0).all()
+    torch.testing.assert_close(out.sum(-1), torch.ones(shape[:-1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.sum(-2), torch.ones(shape[:-2] + shape[-1:]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale", [0.1, 1.0])
+def test_sinkhorn_is_doubly_stochastic(shape: tuple[int, ...], scale: float) -> None:
+    gen = torch.Generator().manual_seed(len(shape) * 100 + shape[-1] + int(10 * scale))
+    _assert_doubly_stochastic(sinkhorn(scale * torch.randn(shape, generator=gen), iters=50))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sinkhorn_default_iterations_on_model_like_logits(shape: tuple[int, ...]) -> None:
+    """Near init, H_res logits are b_res (= I) + alpha * z W with small alpha: mHC's 20 iterations suffice."""
+    gen = torch.Generator().manual_seed(shape[-1])
+    logits = torch.eye(shape[-1]) + 0.1 * torch.randn(shape, generator=gen)
+    _assert_doubly_stochastic(sinkhorn(logits, iters=20))
+
+
+def test_sinkhorn_keeps_dtype_and_gradients() -> None:
+    logits = torch.randn(4, 4, requires_grad=True)
+    sinkhorn(logits, 20).diagonal().sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert sinkhorn(torch.randn(4, 4, dtype=torch.float64), 5).dtype == torch.float64
+
+
+def test_expand_collapse_round_trip() -> None:
+    x = torch.randn(5, 2, 8)
+    s = expand_streams(x, 4)
+    assert s.shape == (5, 2, 4, 8)
+    torch.testing.assert_close(collapse_streams(s), x)
+
+
+def test_fresh_hyper_connection_is_a_residual_connection() -> None:
+    """At init, equal streams stay equal and each gets x + (f(x) - x) = f(x): a plain looped step."""
+    torch.manual_seed(0)
+    hc = HyperConnection(hidden_size=8, streams=4)
+    x = torch.randn(3, 2, 8)
+    f = torch.nn.Linear(8, 8)
+    out = hc(expand_streams(x, 4), lambda h: h + f(h))
+    for i in range(4):
+        torch.testing.assert_close(out[..., i, :], x + f(x), atol=2e-2, rtol=0)  # alphas are small, not 0
+    h_pre, h_post, h_res = hc.gates(expand_streams(x, 4))
+    assert h_pre.shape == (3, 2, 4) and h_post.shape == (3, 2, 4) and h_res.shape == (3, 2, 4, 4)
+    torch.testing.assert_close(h_res.sum(-1), torch.ones(3, 2, 4), atol=1e-5, rtol=0)
+
+
+def test_hyper_connection_counts() -> None:
+    assert num_hyper_connections("hyperloop", loops=3, depth=8, per_loop_params=True) == 3
+    assert num_hyper_connections("hyperloop", loops=3, depth=8, per_loop_params=False) == 1
+    assert num_hyper_connections("mhc", loops=3, depth=8, per_loop_params=True) == 8
+    assert num_hyper_connections("looped", loops=3, depth=8, per_loop_params=True) == 0

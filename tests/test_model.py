@@ -1,0 +1,119 @@
+"""Megatron-core model vs the plain-PyTorch reference, and the identities between the four kinds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from hyperloop_dist.config import HCConfig, ModelConfig
+from hyperloop_dist.model.hyper_connections import KINDS
+from hyperloop_dist.model.reference import ReferenceModel, from_megatron_state_dict
+
+pytestmark = pytest.mark.usefixtures("megatron_world")
+
+SMALL = ModelConfig(hidden_size=32, num_heads=4, vocab_size=96, seq_length=16, begin_layers=1,
+                    middle_layers=2, end_layers=1, loops=3, hc=HCConfig(alpha_init=0.5))
+
+
+def build(cfg: ModelConfig):
+    from hyperloop_dist.model.hyperloop import build_model
+
+    return build_model(cfg)
+
+
+def perturb_identity_params(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move HC / loop-embedding params off their identity-like init so the test sees them act."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("hc.") or name == "loop_embedding":
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def tokens(cfg: ModelConfig, batch: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (batch, cfg.seq_length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", ["default", "gqa_untied", "shared_hc"])
+def test_megatron_matches_reference(kind: str, variant: str) -> None:
+    cfg = dataclasses.replace(SMALL, kind=kind)
+    if variant == "gqa_untied":
+        cfg = dataclasses.replace(cfg, num_query_groups=2, tie_embeddings=False, begin_layers=0)
+    elif variant == "shared_hc":
+        cfg = dataclasses.replace(cfg, hc=HCConfig(per_loop_params=False, streams=3), loop_embedding=False)
+    model = build(cfg)
+    perturb_identity_params(model)
+    ref = ReferenceModel(cfg)
+    ref.load_state_dict(from_megatron_state_dict(model.state_dict()), strict=True)
+    x = tokens(cfg)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_reach_every_parameter(kind: str) -> None:
+    cfg = dataclasses.replace(SMALL, kind=kind)
+    model = build(cfg)
+    perturb_identity_params(model)
+    x = tokens(cfg)
+    model(x, labels=x).mean().backward()
+    names = [n for n, _ in model.named_parameters()]
+    assert any(n.startswith("hc.") for n in names) == (kind in ("mhc", "hyperloop"))
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert dead == []
+
+
+def _copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    state = {k: v for k, v in src.state_dict().items() if not k.endswith("_extra_state")}
+    result = dst.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys
+    own = ("hc.", "loop_embedding")  # what the destination kind has and the source kind lacks
+    assert all(k.startswith(own) or k.endswith("_extra_state") for k in result.missing_keys)
+
+
+def test_hyperloop_with_one_stream_at_identity_equals_looped() -> None:
+    looped_cfg = dataclasses.replace(SMALL, kind="looped")
+    hyper_cfg = dataclasses.replace(SMALL, kind="hyperloop", hc=HCConfig(streams=1, alpha_init=0.0))
+    looped, hyper = build(looped_cfg), build(hyper_cfg)
+    with torch.no_grad():
+        looped.loop_embedding.normal_(std=0.1)
+    _copy_weights(looped, hyper)
+    x = tokens(SMALL)
+    # alpha = 0 and n = 1: H_pre = sigmoid(logit(1 - 1e-7)) = 1, H_post = 2 sigmoid(0) = 1, H_res = 1.
+    torch.testing.assert_close(hyper(x), looped(x), atol=1e-5, rtol=0)
+
+
+def test_looped_once_without_hc_equals_transformer() -> None:
+    looped_cfg = dataclasses.replace(SMALL, kind="looped", loops=1)
+    transformer_cfg = dataclasses.replace(SMALL, kind="transformer", loops=1)
+    looped, transformer = build(looped_cfg), build(transformer_cfg)
+    _copy_weights(transformer, looped)
+    with torch.no_grad():
+        looped.loop_embedding.zero_()
+    x = tokens(SMALL)
+    torch.testing.assert_close(looped(x), transformer(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["looped", "hyperloop"])
+def test_middle_block_weights_exist_once(kind: str) -> None:
+    counts = {}
+    for loops in (1, 2, 5):
+        cfg = dataclasses.replace(SMALL, kind=kind, loops=loops, loop_embedding=False,
+                                  hc=HCConfig(per_loop_params=False))
+        model = build(cfg)
+        counts[loops] = sum(p.numel() for p in model.parameters())
+        middle = list(model.middle.parameters())
+        assert len(model.middle.layers) == cfg.middle_layers
+        pointers = [p.data_ptr() for p in model.parameters()]
+        assert len(pointers) == len(set(pointers)), "a parameter tensor is stored twice"
+        assert len({p.data_ptr() for p in middle}) == len(middle)
+    assert counts[1] == counts[2] == counts[5], counts
+
+
+def test_unique_layers_per_kind() -> None:
+    for kind, expected in {"transformer": 8, "mhc": 8, "looped": 4, "hyperloop": 4}.items():
+        model = build(dataclasses.replace(SMALL, kind=kind, loops=3))
+        assert sum(len(b.layers) for b in model.blocks()) == expected
