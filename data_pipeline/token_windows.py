@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 import torch
-
-from hyperloop_dist.config import Config
 from hyperloop_dist.data.corpus import corpus_files, document_group, obtain_shakespeare
 from hyperloop_dist.data.tokenizer import EOS_ID, load_tokenizer, train_tokenizer
+
+from hyperloop_dist.config import Config
 
 TOKENIZER_SAMPLE_BYTES = 32 * 1024 * 1024
 
@@ -46,7 +48,7 @@ def split_files(files: list[Path], heldout_fraction: float) -> tuple[list[Path],
     return train, heldout
 
 
-def _write_tokens(sp, files: list[Path], out: Path, dtype: np.dtype) -> int:
+def _write_tokens(sp: spm.SentencePieceProcessor, files: list[Path], out: Path, dtype: np.dtype) -> int:
     ids: list[int] = []
     for f in files:
         ids.extend(sp.encode(f.read_text(encoding="utf-8", errors="replace")))
@@ -58,7 +60,7 @@ def _write_tokens(sp, files: list[Path], out: Path, dtype: np.dtype) -> int:
     return int(arr.size)
 
 
-def prepare_corpus(cfg: Config, log=print) -> Path:  # noqa: ANN001
+def prepare_corpus(cfg: Config, log: Callable[[str], object] = print) -> Path:
     """Obtain the corpus, train the tokenizer if missing, tokenize; idempotent. Returns the tokens dir."""
     d = cfg.data
     if d.corpus == "shakespeare":

@@ -13,7 +13,6 @@ from hyperloop_dist.model.hyper_connections import (
     sinkhorn,
 )
 
-
 SHAPES = [(1, 1), (2, 2), (4, 4), (8, 8), (3, 5, 4, 4), (16, 2, 6, 6)]
 
 

@@ -11,12 +11,17 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import Config, dump_config
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 FORMAT_VERSION = 1
 
@@ -27,7 +32,8 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
 
 
-def write(directory: Path, cfg: Config, step: int, model, optimizer, scheduler) -> None:  # noqa: ANN001
+def write(directory: Path, cfg: Config, step: int, model: torch.nn.Module, optimizer: MegatronOptimizer,
+          scheduler: OptimizerParamScheduler) -> None:
     save_file(model_tensors(model), str(directory / "model.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "cpu_rng": torch.get_rng_state()}, directory / "optimizer.pt")
@@ -51,7 +57,8 @@ def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
                               + ". Use the checkpoint's own config.yaml, or a new train.run_dir")
 
 
-def load(path: Path, cfg: Config, model, optimizer, scheduler) -> int:  # noqa: ANN001
+def load(path: Path, cfg: Config, model: torch.nn.Module, optimizer: MegatronOptimizer,
+         scheduler: OptimizerParamScheduler) -> int:
     """Restore model, optimizer, scheduler and RNG from a verified checkpoint; return its step."""
     meta = json.loads((path / "meta.json").read_text())
     check_compatible(meta, cfg, path)

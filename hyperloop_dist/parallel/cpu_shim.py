@@ -57,7 +57,7 @@ class CudaToCpuMode(TorchFunctionMode):
         torch.bool: "torch.cuda.BoolTensor",
     }
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]

@@ -6,6 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,11 @@ from hyperloop_dist.parallel import cpu_shim
 from hyperloop_dist.parallel.distributed import RankInfo, init_distributed, shutdown_distributed
 from hyperloop_dist.train.metrics import MetricsLogger, window_mean
 
+if TYPE_CHECKING:
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
 
 @dataclass
 class TrainResult:
@@ -27,7 +33,7 @@ class TrainResult:
     tokens_per_s: float
 
 
-def build_training(cfg: Config):  # noqa: ANN201 - returns Megatron objects
+def build_training(cfg: Config) -> tuple[DistributedDataParallel, MegatronOptimizer, OptimizerParamScheduler]:
     """(DDP-wrapped model, optimizer, LR scheduler) for this rank."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -60,11 +66,12 @@ def build_training(cfg: Config):  # noqa: ANN201 - returns Megatron objects
     return ddp, optimizer, scheduler
 
 
-def unwrap(ddp) -> HyperloopModel:  # noqa: ANN001
+def unwrap(ddp: DistributedDataParallel) -> HyperloopModel:
     return ddp.module
 
 
-def train_step(cfg: Config, ddp, optimizer, sampler: WindowSampler, step: int, info: RankInfo):  # noqa: ANN001
+def train_step(cfg: Config, ddp: DistributedDataParallel, optimizer: MegatronOptimizer, sampler: WindowSampler,
+               step: int, info: RankInfo) -> tuple[float, float]:
     """One optimizer step over ``grad_accum`` micro-batches; returns (DP-mean loss, grad norm)."""
     from megatron.core.distributed import finalize_model_grads
 
@@ -86,7 +93,7 @@ def train_step(cfg: Config, ddp, optimizer, sampler: WindowSampler, step: int, i
     return float(total), float(grad_norm if grad_norm is not None else math.nan)
 
 
-def _dp_group():  # noqa: ANN202
+def _dp_group() -> dist.ProcessGroup:
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_group()
@@ -171,7 +178,8 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     return TrainResult(final_step=cfg.train.steps, losses=losses, tokens_per_s=tps)
 
 
-def _save(cfg: Config, run_dir: Path, step: int, model, optimizer, scheduler, info: RankInfo) -> None:  # noqa: ANN001
+def _save(cfg: Config, run_dir: Path, step: int, model: HyperloopModel, optimizer: MegatronOptimizer,
+          scheduler: OptimizerParamScheduler, info: RankInfo) -> None:
     # TP=PP=1 here: every DP rank holds the full model, rank 0 writes it.
     if info.is_main:
         path = save_checkpoint(run_dir, step, lambda d: training_state.write(d, cfg, step, model, optimizer,
