@@ -84,6 +84,7 @@ class ParallelConfig:
     nnodes: int = 1
     tp: int = 1
     pp: int = 1
+    distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (ZeRO-1)
     backend: str = "auto"  # auto = nccl with CUDA, gloo without
     timeout_s: int = 600
 
@@ -308,7 +309,10 @@ def validate(cfg: Config) -> None:
     _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
     for name in ("nproc_per_node", "nnodes", "tp", "pp", "timeout_s"):
         _positive(f"parallel.{name}", getattr(p, name))
-    _require(p.tp == 1, f"parallel.tp={p.tp}: tensor parallel is not available yet (issue #3); use parallel.tp=1")
+    if p.tp > 1:
+        for name, value in (("model.num_heads", m.num_heads), ("model.num_query_groups", m.query_groups),
+                            ("model.ffn_hidden_size", m.ffn_size), ("model.vocab_size", m.vocab_size)):
+            _require(value % p.tp == 0, f"parallel.tp={p.tp}: must divide {name}={value}")
     _require(p.pp == 1, f"parallel.pp={p.pp}: pipeline parallel is not available yet (issue #3); use parallel.pp=1")
     _require(cfg.world_size % (p.tp * p.pp) == 0,
              f"parallel.nproc_per_node*parallel.nnodes={cfg.world_size}: must be divisible by tp*pp={p.tp * p.pp}")

@@ -52,7 +52,8 @@ BAD = [
     (["optim.min_lr=1.0"], "optim.min_lr=1.0: must be <= optim.lr"),
     (["optim.beta2=1.0"], "optim.beta2=1.0: must be in [0, 1)"),
     (["train.precision=fp8"], "train.precision='fp8': must be one of"),
-    (["parallel.tp=2"], "parallel.tp=2: tensor parallel is not available yet"),
+    (["parallel.tp=3"], "parallel.tp=3: must divide model.num_heads=4"),
+    (["parallel.tp=2", "model.vocab_size=2047"], "parallel.tp=2: must divide model.vocab_size=2047"),
     (["parallel.engine=horovod"], "parallel.engine='horovod': must be one of"),
     (["data.heldout_fraction=0.9"], "data.heldout_fraction=0.9: must be in (0, 0.5)"),
 ]

@@ -48,20 +48,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, write_files: Callable[[Path], None], keep_last: int) -> Path:
-    """Create checkpoint ``step`` by calling ``write_files(tmp_dir)``, then verify-publish it atomically."""
+def staging_dir(run_dir: str | Path, step: int) -> Path:
+    """A fresh ``step_XXXXXXXX.tmp`` directory for checkpoint ``step`` (call on one rank, then barrier)."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
     tmp = root / (step_dir_name(step) + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write_files(tmp)
+    return tmp
+
+
+def publish(tmp: Path, keep_last: int) -> Path:
+    """Fsync and hash every file written into ``tmp``, write the manifest last, rename into place and
+    point ``latest`` at it (call on one rank after every rank finished writing)."""
+    root = tmp.parent
+    step = int(tmp.name.removesuffix(".tmp").removeprefix("step_"))
+    final = root / step_dir_name(step)
     files = {}
     for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
         files[str(f.relative_to(tmp))] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    for d in sorted({p.parent for p in tmp.rglob("*")} | {tmp}, reverse=True):
+        _fsync_dir(d)
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
     _fsync_dir(tmp)
     if final.exists():

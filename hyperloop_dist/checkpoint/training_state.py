@@ -1,8 +1,13 @@
-"""What a training checkpoint holds (TP = PP = 1 layout) and how it is restored.
+"""What a training checkpoint holds and how every rank writes and restores its part.
 
-``model.safetensors`` (weights, Megatron names), ``optimizer.pt`` (optimizer, LR scheduler and RNG
-states; tensors and plain Python values only, loaded with ``weights_only=True``), ``meta.json`` (step,
-format version, the model config) and the run's ``config.yaml`` and ``tokenizer.model``.
+``dist/``: model and optimizer as ``megatron.core.dist_checkpointing`` (torch_dist) shards, so a
+checkpoint saved under one TP / DP layout loads under another. ``rng/rank_XXXXX.pt``: each rank's CPU RNG
+and Megatron RNG-tracker states (restored when the layout is unchanged). ``meta.json``: format version,
+step, optimizer step, LR-scheduler state, the layout and the model config. ``config.yaml`` and
+``tokenizer.model``: the run's recipe and tokenizer.
+
+Nothing is unpickled beyond tensors and plain values (``torch.load(weights_only=True)``; torch_dist shards
+are read by Megatron's loader).
 """
 
 from __future__ import annotations
@@ -11,10 +16,10 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
 
 from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import Config, dump_config
@@ -23,29 +28,85 @@ if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-FORMAT_VERSION = 1
+    from hyperloop_dist.model.hyperloop import HyperloopModel
+
+FORMAT_VERSION = 2
+# The distributed optimizer's default ('fully_sharded_model_space') fails in 0.16.1 (Megatron-LM #2956).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state as plain contiguous CPU tensors (Megatron's ``_extra_state`` entries dropped)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+def layout(cfg: Config, windows_per_step: int) -> dict[str, int]:
+    p = cfg.parallel
+    return {"world_size": cfg.world_size, "tp": p.tp, "pp": p.pp, "dp": cfg.data_parallel_size,
+            "windows_per_step": windows_per_step}
 
 
-def write(directory: Path, cfg: Config, step: int, model: torch.nn.Module, optimizer: MegatronOptimizer,
-          scheduler: OptimizerParamScheduler) -> None:
-    save_file(model_tensors(model), str(directory / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "cpu_rng": torch.get_rng_state()}, directory / "optimizer.pt")
-    meta = {"format_version": FORMAT_VERSION, "step": step, "model": dataclasses.asdict(cfg.model)}
-    (directory / "meta.json").write_text(json.dumps(meta, indent=1))
-    dump_config(cfg, directory / "config.yaml")
-    tokenizer = Path(cfg.data.tokenizer)
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, directory / "tokenizer.model")
+def torch_optimizers(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [opt.optimizer for opt in chained if getattr(opt, "optimizer", None) is not None]
 
 
-def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
+def optimizer_step(optimizer: MegatronOptimizer) -> int:
+    for opt in torch_optimizers(optimizer):
+        for state in opt.state.values():
+            if "step" in state:
+                return int(state["step"])
+    return 0
+
+
+def prepare_adam_state_for_loading(optimizer: MegatronOptimizer) -> None:
+    """Give a fresh torch-Adam fallback optimizer its full state (moments and ``step``) before Megatron
+    builds the loading template: without ``step`` in the template the checkpoint's step is not read and
+    Adam silently restarts its bias correction (``shared/MEGATRON_CPU.md``, item 5b)."""
+    for opt in torch_optimizers(optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state[p]
+                state.setdefault("exp_avg", torch.zeros_like(p.data))
+                state.setdefault("exp_avg_sq", torch.zeros_like(p.data))
+                state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def _sharded_state(model: HyperloopModel, optimizer: MegatronOptimizer, loading: bool) -> dict[str, Any]:
+    model_sd = model.sharded_state_dict()
+    return {"model": model_sd,
+            "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIMIZER_METADATA)}
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    return {"cpu_rng": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def write(directory: Path, cfg: Config, step: int, model: HyperloopModel, optimizer: MegatronOptimizer,
+          scheduler: OptimizerParamScheduler, windows_per_step: int) -> None:
+    """Every rank calls this with the same staging ``directory``."""
+    from megatron.core import dist_checkpointing
+
+    from hyperloop_dist.parallel import cpu_shim
+
+    with cpu_shim.device_mode():
+        dist_checkpointing.save(_sharded_state(model, optimizer, loading=False), str(directory / "dist"))
+    rank = dist.get_rank()
+    (directory / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), directory / "rng" / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        meta = {"format_version": FORMAT_VERSION, "step": step, "optimizer_step": optimizer_step(optimizer),
+                "scheduler": scheduler.state_dict(), "layout": layout(cfg, windows_per_step),
+                "model": dataclasses.asdict(cfg.model)}
+        (directory / "meta.json").write_text(json.dumps(meta, indent=1))
+        dump_config(cfg, directory / "config.yaml")
+        tokenizer = Path(cfg.data.tokenizer)
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, directory / "tokenizer.model")
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / "meta.json").read_text())
+
+
+def check_compatible(meta: dict, cfg: Config, path: Path, windows_per_step: int | None = None) -> None:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta.get('format_version')} is not {FORMAT_VERSION} "
                               "(written by another hyperloop_dist version)")
@@ -55,21 +116,38 @@ def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
     if diffs:
         raise CheckpointError(f"{path} was trained with another model config: " + "; ".join(diffs)
                               + ". Use the checkpoint's own config.yaml, or a new train.run_dir")
+    saved_windows = meta["layout"]["windows_per_step"]
+    if windows_per_step is not None and saved_windows != windows_per_step:
+        raise CheckpointError(
+            f"{path}: saved with a global batch of {saved_windows} windows per step, this layout gives "
+            f"{windows_per_step} (train.micro_batch_size x train.grad_accum x data-parallel size); keep the "
+            "global batch when changing the layout so the resumed run sees the same data"
+        )
 
 
-def load(path: Path, cfg: Config, model: torch.nn.Module, optimizer: MegatronOptimizer,
-         scheduler: OptimizerParamScheduler) -> int:
-    """Restore model, optimizer, scheduler and RNG from a verified checkpoint; return its step."""
-    meta = json.loads((path / "meta.json").read_text())
-    check_compatible(meta, cfg, path)
-    tensors = load_file(str(path / "model.safetensors"))
-    result = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{path}: weights do not fit the model (missing {missing[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]})")
-    state = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["cpu_rng"])
+def load(path: Path, cfg: Config, model: HyperloopModel, optimizer: MegatronOptimizer,
+         scheduler: OptimizerParamScheduler, windows_per_step: int) -> int:
+    """Restore model, optimizer, scheduler (and RNG when the layout is unchanged); return the step."""
+    from megatron.core import dist_checkpointing
+
+    from hyperloop_dist.parallel import cpu_shim
+
+    meta = read_meta(path)
+    check_compatible(meta, cfg, path, windows_per_step)
+    prepare_adam_state_for_loading(optimizer)
+    with cpu_shim.device_mode():
+        state = dist_checkpointing.load(_sharded_state(model, optimizer, loading=True), str(path / "dist"))
+        model.load_state_dict(state["model"])
+        with torch.no_grad():  # fp32: main params are views of the leaf params
+            optimizer.load_state_dict(state["optimizer"])
+    if optimizer_step(optimizer) != meta["optimizer_step"]:
+        raise CheckpointError(f"{path}: optimizer step {optimizer_step(optimizer)} after loading, "
+                              f"{meta['optimizer_step']} saved (Adam state not restored)")
+    scheduler.load_state_dict(meta["scheduler"])
+    if meta["layout"] == layout(cfg, windows_per_step):
+        rng = torch.load(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu_rng"])
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
     return int(meta["step"])

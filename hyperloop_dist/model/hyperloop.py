@@ -79,8 +79,8 @@ def layer_spec() -> tuple[ModuleSpec, type]:
 class HyperloopModel(MegatronModule):
     """Embedding -> :func:`run_body` over Megatron blocks -> RMSNorm -> (tied) LM head.
 
-    ``forward(tokens [b, s])`` returns logits ``[b, s, vocab/tp]`` (vocab-parallel), or with
-    ``labels [b, s]`` the per-token loss ``[b, s]``.
+    ``forward(tokens [b, s])`` returns the full logits ``[b, s, vocab]`` (gathered over TP ranks), or with
+    ``labels [b, s]`` the per-token loss ``[b, s]`` (vocab-parallel cross entropy, nothing gathered).
     """
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig) -> None:
@@ -92,9 +92,12 @@ class HyperloopModel(MegatronModule):
         def block(num_layers: int) -> TransformerBlock | None:
             if num_layers == 0:
                 return None
-            # An explicit layer list: Megatron's own per-stage layer count would split the whole depth.
+            # Each block is its own stack for Megatron: an explicit layer list (Megatron's per-stage count
+            # would split the whole depth) and num_layers = the block's size, which sizes the layer axis of
+            # its sharded checkpoint. Init scaling stays that of the full depth (replace() keeps the
+            # init methods __post_init__ derived from it).
             sub = TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm_cls)
-            return TransformerBlock(config, sub, post_layer_norm=False)
+            return TransformerBlock(dataclasses.replace(config, num_layers=num_layers), sub, post_layer_norm=False)
 
         self.embedding = LanguageModelEmbedding(config, cfg.vocab_size, cfg.seq_length, position_embedding_type="rope")
         self.rotary = RotaryEmbedding(config.kv_channels, rotary_percent=1.0, rotary_base=cfg.rope_base,
@@ -143,7 +146,7 @@ class HyperloopModel(MegatronModule):
         weight = self.embedding.word_embeddings.weight if self.cfg.tie_embeddings else None
         logits, _ = self.output_layer(self.hidden(tokens), weight=weight)
         if labels is None:
-            return logits.transpose(0, 1).contiguous()
+            return tensor_parallel.gather_from_tensor_model_parallel_region(logits).transpose(0, 1).contiguous()
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1).contiguous()
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from hyperloop_dist.checkpoint import training_state
-from hyperloop_dist.checkpoint.store import find_resumable, save_checkpoint
+from hyperloop_dist.checkpoint.store import find_resumable, publish, staging_dir
 from hyperloop_dist.config import Config, dump_config
 from hyperloop_dist.data.token_windows import WindowSampler, load_tokens, prepare_corpus
 from hyperloop_dist.model.hyperloop import HyperloopModel, build_model
@@ -44,8 +44,9 @@ def build_training(cfg: Config) -> tuple[DistributedDataParallel, MegatronOptimi
     model = build_model(cfg.model, tp=cfg.parallel.tp, pp=cfg.parallel.pp, precision=cfg.train.precision)
     if cpu_shim.cuda_available():
         model.cuda()
+    distopt = cfg.parallel.distributed_optimizer
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=False)
+                                               use_distributed_optimizer=distopt)
     with cpu_shim.device_mode():
         ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     o = cfg.optim
@@ -53,7 +54,7 @@ def build_training(cfg: Config) -> tuple[DistributedDataParallel, MegatronOptimi
     opt_config = OptimizerConfig(
         optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
         adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip, bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=False,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=distopt,
     )
     with cpu_shim.device_mode():
         optimizer = get_megatron_optimizer(opt_config, [ddp])
@@ -123,9 +124,9 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
                             cfg.train.grad_accum, info.dp_size, cfg.train.seed)
 
     start_step = 0
-    resume_from = find_resumable(run_dir, log=say)
+    resume_from = _agree(find_resumable(run_dir, log=say) if info.is_main else None)
     if resume_from is not None:
-        start_step = training_state.load(resume_from, cfg, model, optimizer, scheduler)
+        start_step = training_state.load(resume_from, cfg, model, optimizer, scheduler, sampler.windows_per_step)
         say(f"resumed from {resume_from} at step {start_step}")
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{cfg.model.kind}: {n_params:,} parameters | {info.world_size} ranks (dp={info.dp_size}) | "
@@ -154,10 +155,10 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
                 logger.log(record)
                 logger.progress(record)
             if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
-                _save(cfg, run_dir, done, model, optimizer, scheduler, info)
+                _save(cfg, run_dir, done, model, optimizer, scheduler, info, sampler.windows_per_step)
         final = cfg.train.steps
         if step + 1 == final and final > start_step:
-            _save(cfg, run_dir, final, model, optimizer, scheduler, info)
+            _save(cfg, run_dir, final, model, optimizer, scheduler, info, sampler.windows_per_step)
     finally:
         logger.close()
     elapsed = time.perf_counter() - t_start
@@ -178,13 +179,21 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     return TrainResult(final_step=cfg.train.steps, losses=losses, tokens_per_s=tps)
 
 
+def _agree(value: object) -> object:
+    """Rank 0's value on every rank (checkpoint discovery hashes files once, not once per rank)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _save(cfg: Config, run_dir: Path, step: int, model: HyperloopModel, optimizer: MegatronOptimizer,
-          scheduler: OptimizerParamScheduler, info: RankInfo) -> None:
-    # TP=PP=1 here: every DP rank holds the full model, rank 0 writes it.
+          scheduler: OptimizerParamScheduler, info: RankInfo, windows_per_step: int) -> None:
     if info.is_main:
-        path = save_checkpoint(run_dir, step, lambda d: training_state.write(d, cfg, step, model, optimizer,
-                                                                              scheduler),
-                               cfg.train.keep_last)
-        print(f"saved checkpoint {path}", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
+        tmp = staging_dir(run_dir, step)
+        (tmp / "dist").mkdir()
+    tmp = _agree(tmp if info.is_main else None)
+    training_state.write(tmp, cfg, step, model, optimizer, scheduler, windows_per_step)
+    dist.barrier()
+    if info.is_main:
+        print(f"saved checkpoint {publish(tmp, cfg.train.keep_last)}", flush=True)
+    dist.barrier()
