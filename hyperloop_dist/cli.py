@@ -1,4 +1,4 @@
-"""The ``hyperloop`` command: ``train``, ``data``, ``params``.
+"""The ``hyperloop`` command: ``train``, ``data``, ``export``, ``params``.
 
 Every subcommand takes an optional recipe (default: the embedded tiny-cpu recipe) followed by
 ``section.field=value`` overrides, validated like the recipe.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import Config, ConfigError, load_config
 
 
@@ -56,6 +57,20 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hyperloop_dist.checkpoint.release import export_release, load_release
+
+    if not args.release:
+        print("hyperloop export: choose a format: --release (INT4 export comes with issue #7)", file=sys.stderr)
+        return 2
+    out = export_release(args.checkpoint, args.out)
+    model = load_release(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    size = (out / "model.safetensors").stat().st_size
+    print(f"release written to {out}: {model.cfg.kind}, {n_params:,} parameters, model.safetensors {size / 1e6:.1f} MB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperloop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
     p.set_defaults(func=cmd_data_prepare)
 
+    p = sub.add_parser("export", help="consolidate a checkpoint into a release")
+    p.add_argument("--release", action="store_true", help="one safetensors file + config.json + tokenizer")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest good checkpoint)")
+    p.add_argument("out", help="the release directory to create (must not exist or be empty)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("params", help="parameter / FLOP table of a recipe and its baselines")
     p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
     p.set_defaults(func=cmd_params)
@@ -83,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"hyperloop: config error: {exc}", file=sys.stderr)
+        return 2
+    except (CheckpointError, FileExistsError) as exc:
+        print(f"hyperloop: {exc}", file=sys.stderr)
         return 2
 
 

@@ -5,70 +5,31 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from hyperloop_dist.checkpoint.store import CheckpointError, find_resumable, verify_checkpoint
 from hyperloop_dist.checkpoint.training_state import check_compatible
 from hyperloop_dist.config import load_config
 
-pytestmark = pytest.mark.slow
+from .helpers import losses, train, train_and_kill_after_first_save, weights
 
-STEPS = 24
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("megatron_world")]
+
+STEPS = 12
 SAVE_EVERY = 4
-
-
-def _command(args: list[str], run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "hyperloop_dist.cli", "train", *args, f"train.run_dir={run_dir}",
-            "train.micro_batch_size=4", "train.log_interval=1", "train.keep_last=2", "optim.warmup_steps=2",
-            f"train.steps={STEPS}"]
-
-
-def train(args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(_command(args, run_dir), capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def train_and_kill_after_first_save(args: list[str], run_dir: Path) -> None:
-    """SIGKILL the launcher and every rank as soon as the first checkpoint is published."""
-    latest = run_dir / "checkpoints" / "latest"
-    proc = subprocess.Popen(_command(args, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not latest.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert latest.is_file(), "the run ended before its first checkpoint"
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Loss per step; a step logged twice (before a kill and after the resume) keeps its last value."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
-
-
-def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("runs")
     out: dict = {name: root / name for name in ("dp2", "single", "resumed")}
-    dp2 = [*tiny_data, "parallel.nproc_per_node=2", f"train.save_interval={SAVE_EVERY}"]
+    dp2 = [*tiny_data, f"train.steps={STEPS}", "parallel.nproc_per_node=2", f"train.save_interval={SAVE_EVERY}"]
     out["dp2_log"] = train(dp2, out["dp2"])
     # Same global batch (8 windows) on one process: two micro-batches of 4.
-    train([*tiny_data, "parallel.nproc_per_node=1", "train.grad_accum=2"], out["single"])
+    train([*tiny_data, f"train.steps={STEPS}", "parallel.nproc_per_node=1", "train.grad_accum=2"], out["single"])
     train_and_kill_after_first_save(dp2, out["resumed"])
     out["resumed_log"] = train(dp2, out["resumed"])
     return out
@@ -104,8 +65,10 @@ def test_run_directory_contract(runs: dict) -> None:
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
     for name in ckpts:
         manifest = verify_checkpoint(run / "checkpoints" / name)
-        assert {"model.safetensors", "optimizer.pt", "meta.json", "config.yaml", "tokenizer.model"} <= set(
-            manifest["files"])
+        files = set(manifest["files"])
+        assert {"meta.json", "config.yaml", "tokenizer.model", "dist/metadata.json", "rng/rank_00000.pt",
+                "rng/rank_00001.pt"} <= files
+        assert any(f.endswith(".distcp") for f in files)
     log = runs["dp2_log"].stdout
     assert f"step {STEPS:>6}/{STEPS}" in log and "loss, last" in log  # progress + summary, rank 0 only
     assert log.count("saved checkpoint") == STEPS // SAVE_EVERY
@@ -117,11 +80,11 @@ def test_damaged_checkpoint_is_refused_and_the_previous_one_used(runs: dict, tmp
     run = tmp_path / "run"
     shutil.copytree(runs["dp2"], run)
     newer, older = (run / "checkpoints" / f"step_{s:08d}" for s in (STEPS, STEPS - SAVE_EVERY))
-    weights_file = newer / "model.safetensors"
-    weights_file.write_bytes(weights_file.read_bytes()[:-100])
+    shard = next((newer / "dist").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-100])
     messages: list[str] = []
     assert find_resumable(run, log=messages.append) == older
-    assert "truncated" in messages[0] and newer.name in messages[0]
+    assert "truncated" in messages[0] and newer.name in messages[0] and shard.name in messages[0]
     meta = bytearray((older / "meta.json").read_bytes())
     meta[-3] ^= 1  # same size, one bit flipped
     (older / "meta.json").write_bytes(bytes(meta))
@@ -135,3 +98,5 @@ def test_checkpoint_from_another_model_config_is_refused(runs: dict, tiny_data: 
     meta = json.loads((ckpt / "meta.json").read_text())
     with pytest.raises(CheckpointError, match="model.loops: checkpoint 2 vs recipe 3"):
         check_compatible(meta, load_config(None, [*tiny_data, "model.loops=3"]), ckpt)
+    with pytest.raises(CheckpointError, match="global batch of 8 windows per step, this layout gives 16"):
+        check_compatible(meta, load_config(None, tiny_data), ckpt, windows_per_step=16)

@@ -54,6 +54,13 @@ def optimizer_step(optimizer: MegatronOptimizer) -> int:
     return 0
 
 
+def restore_adam_step(optimizer: MegatronOptimizer, step: int) -> None:
+    for opt in torch_optimizers(optimizer):
+        for state in opt.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(step), dtype=state["step"].dtype)
+
+
 def prepare_adam_state_for_loading(optimizer: MegatronOptimizer) -> None:
     """Give a fresh torch-Adam fallback optimizer its full state (moments and ``step``) before Megatron
     builds the loading template: without ``step`` in the template the checkpoint's step is not read and
@@ -140,9 +147,9 @@ def load(path: Path, cfg: Config, model: HyperloopModel, optimizer: MegatronOpti
         model.load_state_dict(state["model"])
         with torch.no_grad():  # fp32: main params are views of the leaf params
             optimizer.load_state_dict(state["optimizer"])
-    if optimizer_step(optimizer) != meta["optimizer_step"]:
-        raise CheckpointError(f"{path}: optimizer step {optimizer_step(optimizer)} after loading, "
-                              f"{meta['optimizer_step']} saved (Adam state not restored)")
+    # The distributed optimizer's 'dp_reshardable' format does not carry Adam's step (the plain
+    # optimizer's does, as 'common_step'); every parameter shares one step, so set it from meta.
+    restore_adam_step(optimizer, meta["optimizer_step"])
     scheduler.load_state_dict(meta["scheduler"])
     if meta["layout"] == layout(cfg, windows_per_step):
         rng = torch.load(path / "rng" / f"rank_{dist.get_rank():05d}.pt", weights_only=True)

@@ -1,0 +1,93 @@
+"""Megatron-core parallel layouts against the single-process run, resharding checkpoints, releases.
+
+Every run uses the same global batch (8 windows a step) and seed, so the loss trajectory and the weights
+must not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hyperloop_dist.checkpoint.release import load_release
+
+from .helpers import checkpoint, losses, train, weights
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("megatron_world")]
+
+STEPS = 6
+LAYOUTS = {  # name: (overrides, processes)
+    "single": ["parallel.nproc_per_node=1", "train.grad_accum=2"],
+    "tp2": ["parallel.nproc_per_node=2", "parallel.tp=2", "train.grad_accum=2"],
+    "tp2dp2": ["parallel.nproc_per_node=4", "parallel.tp=2"],
+    "dp2_distopt": ["parallel.nproc_per_node=2", "parallel.distributed_optimizer=true"],
+}
+KIND_LAYOUTS = {"hyperloop": ["single", "tp2", "tp2dp2", "dp2_distopt"], "transformer": ["single", "tp2dp2"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("parallel")
+    out = {}
+    for kind, layouts in KIND_LAYOUTS.items():
+        for name in layouts:
+            run_dir = root / f"{kind}-{name}"
+            train([*tiny_data, *LAYOUTS[name], f"model.kind={kind}", f"train.steps={STEPS}",
+                   "train.save_interval=3"], run_dir)
+            out[kind, name] = run_dir
+    return out
+
+
+@pytest.mark.parametrize(("kind", "layout"), [(k, n) for k, ls in KIND_LAYOUTS.items() for n in ls[1:]])
+def test_layout_matches_single_process(runs: dict, kind: str, layout: str) -> None:
+    ref, run = losses(runs[kind, "single"]), losses(runs[kind, layout])
+    for step in range(1, 6):
+        assert run[step] == pytest.approx(ref[step], rel=1e-4), step
+    a, b = weights(runs[kind, "single"], STEPS), weights(runs[kind, layout], STEPS)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def _resume_copy(run_dir: Path, step: int, dest: Path) -> Path:
+    (dest / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint(run_dir, step), checkpoint(dest, step))
+    (dest / "checkpoints" / "latest").write_text(checkpoint(dest, step).name + "\n")
+    return dest
+
+
+@pytest.mark.parametrize(("source", "target"), [("tp2", "single"), ("dp2_distopt", "dp2_distopt")])
+def test_resume_under_another_layout_continues_the_same_run(runs: dict, tiny_data: list[str], tmp_path: Path,
+                                                            source: str, target: str) -> None:
+    """Saved at step 3 under `source`, resumed under `target`: steps 4-6 as in the uninterrupted run."""
+    resumed = _resume_copy(runs["hyperloop", source], 3, tmp_path / "resumed")
+    log = train([*tiny_data, *LAYOUTS[target], f"train.steps={STEPS}"], resumed)
+    assert "resumed from" in log.stdout
+    straight, after = losses(runs["hyperloop", source]), losses(resumed)
+    for step in range(4, STEPS + 1):
+        assert after[step] == pytest.approx(straight[step], rel=1e-5), step
+
+
+def test_release_consolidates_a_tensor_parallel_checkpoint(runs: dict, tmp_path: Path) -> None:
+    out = tmp_path / "release"
+    subprocess.run([sys.executable, "-m", "hyperloop_dist.cli", "export", "--release",
+                    str(runs["hyperloop", "tp2"]), str(out)], check=True, capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    model = load_release(out)
+    trained = weights(runs["hyperloop", "tp2"], STEPS)
+    # middle block stored once: the release has exactly the looped model's unique layers
+    assert sum(1 for k in model.state_dict() if k.endswith("linear_proj.weight")) == 4
+    from hyperloop_dist.model.hyperloop import build_model
+
+    megatron = build_model(model.cfg)
+    megatron.load_state_dict(trained, strict=False)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, model.cfg.seq_length))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), megatron(tokens), atol=1e-5, rtol=0)
+    again = subprocess.run([sys.executable, "-m", "hyperloop_dist.cli", "export", "--release",
+                            str(runs["hyperloop", "tp2"]), str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and "not empty" in again.stderr
