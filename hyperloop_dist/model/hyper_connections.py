@@ -95,14 +95,27 @@ class HyperConnection(nn.Module):
         res_logits = self.alpha[2] * raw_res.unflatten(-1, (n, n)) + self.bias_res
         return h_pre, h_post, sinkhorn(res_logits, self.sinkhorn_iters)
 
-    def forward(self, streams: torch.Tensor, block: Block, out_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block input ``x = H_pre . S`` and the gates the write-back will need."""
         h_pre, h_post, h_res = self.gates(streams)
-        x = torch.einsum("...n,...nd->...d", h_pre, streams)
-        branch = block(x) - x
+        return torch.einsum("...n,...nd->...d", h_pre, streams), h_post, h_res
+
+    @staticmethod
+    def write(streams: torch.Tensor, x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor,
+              h_res: torch.Tensor, out_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``S' = H_res . S + H_post^T (y - x [+ bias])`` for the block output ``y = F(x)``."""
+        branch = y - x
         if out_bias is not None:
             branch = branch + out_bias
         mixed = torch.einsum("...ij,...jd->...id", h_res, streams)
         return mixed + h_post.unsqueeze(-1) * branch.unsqueeze(-2)
+
+    def forward(self, streams: torch.Tensor, block: Block, out_bias: torch.Tensor | None = None) -> torch.Tensor:
+        x, h_post, h_res = self.read(streams)
+        return self.write(streams, x, block(x), h_post, h_res, out_bias)
+
+
+Carry = tuple[torch.Tensor, ...] | None
 
 
 def num_hyper_connections(kind: str, loops: int, depth: int, per_loop_params: bool) -> int:
@@ -112,6 +125,34 @@ def num_hyper_connections(kind: str, loops: int, depth: int, per_loop_params: bo
     if kind == "hyperloop":
         return loops if per_loop_params else 1
     return 0
+
+
+def num_passes(kind: str, loops: int) -> int:
+    """How often the middle block runs: L times for the looped kinds, once (unrolled) otherwise."""
+    return loops if kind in LOOPED_KINDS else 1
+
+
+def loop_boundary(kind: str, loop: int, passes: int, carry: Carry, y: torch.Tensor, hcs: Sequence[HyperConnection],
+                  loop_embedding: torch.Tensor | None, streams: int) -> tuple[Carry, torch.Tensor]:
+    """What happens before pass ``loop`` of the middle block (and, at ``loop == passes``, after the last).
+
+    ``y`` is what arrives at the boundary: the begin block's output before pass 0, the middle block's output
+    after. Returns the state to carry to the next boundary and the next middle-block input (after the last
+    pass: the collapsed output that goes to the end block). The single-process forward (:func:`run_body`)
+    and the circular pipeline (``parallel/pipeline.py``) both run exactly this.
+    """
+    bias = None if loop == 0 or loop_embedding is None else loop_embedding[loop - 1]
+    if kind != "hyperloop":
+        return None, y if bias is None else y + bias
+    if loop == 0:
+        state = expand_streams(y, streams)
+    else:
+        state_prev, x_prev, h_post, h_res = carry
+        state = HyperConnection.write(state_prev, x_prev, y, h_post, h_res, bias)
+    if loop == passes:
+        return None, collapse_streams(state)
+    x, h_post, h_res = hcs[loop % len(hcs)].read(state)
+    return (state, x, h_post, h_res), x
 
 
 def run_body(kind: str, x: torch.Tensor, *, begin: Block | None, middle: Block, end: Block | None,
@@ -129,19 +170,10 @@ def run_body(kind: str, x: torch.Tensor, *, begin: Block | None, middle: Block, 
         for hc, layer in zip(hcs, layers, strict=True):
             state = hc(state, layer)
         return collapse_streams(state)
-    if begin is not None:
-        x = begin(x)
-    if kind == "hyperloop":
-        state = expand_streams(x, streams)
-        for i in range(loops):
-            bias = None if loop_embedding is None else loop_embedding[i]
-            state = hcs[i % len(hcs)](state, middle, bias)
-        x = collapse_streams(state)
-    else:
-        for i in range(loops if kind == "looped" else 1):
-            x = middle(x)
-            if loop_embedding is not None:
-                x = x + loop_embedding[i]
-    if end is not None:
-        x = end(x)
-    return x
+    y = begin(x) if begin is not None else x
+    passes, carry = num_passes(kind, loops), None
+    for loop in range(passes + 1):
+        carry, x = loop_boundary(kind, loop, passes, carry, y, hcs, loop_embedding, streams)
+        if loop < passes:
+            y = middle(x)
+    return end(x) if end is not None else x
