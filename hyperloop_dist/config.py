@@ -122,6 +122,7 @@ class TrainConfig:
     save_interval: int = 0  # 0 = only at the end
     keep_last: int = 2
     threads_per_rank: int = 1
+    recompute: str = "none"  # "loop": keep activations per loop pass only (memory flat in model.loops)
 
 
 @dataclass
@@ -313,7 +314,17 @@ def validate(cfg: Config) -> None:
         for name, value in (("model.num_heads", m.num_heads), ("model.num_query_groups", m.query_groups),
                             ("model.ffn_hidden_size", m.ffn_size), ("model.vocab_size", m.vocab_size)):
             _require(value % p.tp == 0, f"parallel.tp={p.tp}: must divide {name}={value}")
-    _require(p.pp == 1, f"parallel.pp={p.pp}: pipeline parallel is not available yet (issue #3); use parallel.pp=1")
+    if p.pp > 1:
+        _require(m.kind != "mhc", f"parallel.pp={p.pp} with model.kind='mhc': mHC wraps every layer, so its stream "
+                                  "state would cross every stage; use parallel.pp=1 for mhc")
+        _require(not m.tie_embeddings, f"parallel.pp={p.pp} with model.tie_embeddings=true: the embedding and head "
+                                       "sit on different stages; set model.tie_embeddings=false")
+        middle = m.middle_layers if m.kind in LOOPED_KINDS else m.loops * m.middle_layers
+        valid = [d for d in range(1, middle + 1) if middle % d == 0]
+        _require(middle % p.pp == 0,
+                 f"parallel.pp={p.pp}: the middle block's {middle} layers are split evenly over the pipeline "
+                 f"(model.middle_layers{'' if m.kind in LOOPED_KINDS else ' x model.loops'}); valid parallel.pp: "
+                 f"{', '.join(map(str, valid))}")
     _require(cfg.world_size % (p.tp * p.pp) == 0,
              f"parallel.nproc_per_node*parallel.nnodes={cfg.world_size}: must be divisible by tp*pp={p.tp * p.pp}")
 
@@ -335,5 +346,6 @@ def validate(cfg: Config) -> None:
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.save_interval", t.save_interval, zero_ok=True)
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
+    _one_of("train.recompute", t.recompute, ("none", "loop"))
     _require(t.run_dir != "", "train.run_dir: must name a directory")
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))

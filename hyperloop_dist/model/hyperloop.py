@@ -7,7 +7,11 @@ Megatron modules and knows nothing of ranks beyond what Megatron's layers read f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +22,16 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
+from megatron.core.utils import get_pg_rank
 
 from hyperloop_dist.config import ModelConfig
-from hyperloop_dist.model.hyper_connections import run_body
+from hyperloop_dist.model.hyper_connections import Carry, loop_boundary, num_passes, run_body
 from hyperloop_dist.model.layout import block_sizes, make_hyper_connections, make_loop_embedding
 from hyperloop_dist.parallel import cpu_shim
 
 
-def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, precision: str = "fp32",
+def transformer_config(cfg: ModelConfig, tp: int = 1, precision: str = "fp32",
                        sequence_parallel: bool = False) -> TransformerConfig:
     """Megatron's TransformerConfig for our layers (RMSNorm, SwiGLU, RoPE, no biases, no dropout)."""
     bf16 = precision == "bf16"
@@ -45,7 +51,7 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, pp: int = 1, precision: st
         attention_dropout=0.0,
         init_method_std=cfg.init_std,
         tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         sequence_parallel=sequence_parallel,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -76,82 +82,181 @@ def layer_spec() -> tuple[ModuleSpec, type]:
     return get_gpt_layer_local_spec(normalization="RMSNorm"), WrappedTorchNorm
 
 
+@contextlib.contextmanager
+def seeded(seed: int, key: str) -> Iterator[None]:
+    """Initialize what is built inside from its own seed, derived from (model seed, key).
+
+    Each part of the model then starts from the same weights whichever rank builds it, so every TP / PP
+    layout trains the same model as one process (Megatron's CPU init draws a part's full weight, then
+    keeps this rank's shard). The surrounding RNG stream is left as it was.
+    """
+    state = torch.get_rng_state()
+    torch.manual_seed(zlib.crc32(f"{seed}/{key}".encode()))
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+class SeededTransformerLayer(TransformerLayer):
+    """A TransformerLayer whose init is seeded by (model seed, block, global layer number)."""
+
+    def __init__(self, config: TransformerConfig, submodules: object, layer_number: int = 1, *,
+                 init_seed: int, init_block: str, **kwargs: object) -> None:
+        pp = kwargs.get("pg_collection").pp if kwargs.get("pg_collection") is not None else None
+        offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"), get_pg_rank(pp))
+        with seeded(init_seed, f"{init_block}.layers.{layer_number + offset}"):
+            super().__init__(config, submodules, layer_number, **kwargs)
+
+
+def seeded_spec(spec: ModuleSpec, seed: int, block: str) -> ModuleSpec:
+    return ModuleSpec(module=SeededTransformerLayer, submodules=spec.submodules,
+                      params={**(spec.params or {}), "init_seed": seed, "init_block": block})
+
+
+@dataclass(frozen=True)
+class Stage:
+    """This rank's pipeline stage: which parts of the model it holds."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.size - 1
+
+
 class HyperloopModel(MegatronModule):
     """Embedding -> :func:`run_body` over Megatron blocks -> RMSNorm -> (tied) LM head.
 
     ``forward(tokens [b, s])`` returns the full logits ``[b, s, vocab]`` (gathered over TP ranks), or with
     ``labels [b, s]`` the per-token loss ``[b, s]`` (vocab-parallel cross entropy, nothing gathered).
+
+    Under pipeline parallelism (``stage.size > 1``) a rank holds its contiguous slice of the middle block
+    (Megatron's own even split of the middle block's layers, so checkpoint keys use global layer numbers);
+    the first stage also holds the embedding, the begin block and the hyper-connections (the loop boundary
+    runs there), the last stage the end block, final norm and head. ``parallel/pipeline.py`` drives the
+    pieces: :meth:`embed`, :meth:`boundary`, :meth:`run_middle`, :meth:`finish`.
     """
 
-    def __init__(self, cfg: ModelConfig, config: TransformerConfig) -> None:
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig, stage: Stage = Stage(),
+                 recompute: bool = False, seed: int = 1234) -> None:
         super().__init__(config=config)
-        self.cfg = cfg
+        self.cfg, self.stage, self.recompute = cfg, stage, recompute
+        # Read by Megatron's finalize_model_grads (GPTModel's names). Tied embeddings are refused under
+        # pipeline parallelism at config load, so no embedding gradient crosses stages.
+        self.pre_process, self.post_process = stage.first, stage.last
+        self.share_embeddings_and_output_weights = cfg.tie_embeddings and stage.size == 1
         spec, norm_cls = layer_spec()
         sizes = block_sizes(cfg)
 
-        def block(num_layers: int) -> TransformerBlock | None:
+        def block(num_layers: int, name: str) -> TransformerBlock | None:
             if num_layers == 0:
                 return None
-            # Each block is its own stack for Megatron: an explicit layer list (Megatron's per-stage count
-            # would split the whole depth) and num_layers = the block's size, which sizes the layer axis of
-            # its sharded checkpoint. Init scaling stays that of the full depth (replace() keeps the
-            # init methods __post_init__ derived from it).
-            sub = TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=norm_cls)
-            return TransformerBlock(dataclasses.replace(config, num_layers=num_layers), sub, post_layer_norm=False)
+            # Each block is its own stack for Megatron: an explicit layer list and num_layers = the block's
+            # size, which sizes the layer axis of its sharded checkpoint. Init scaling stays that of the full
+            # depth (replace() keeps the init methods __post_init__ derived from it).
+            sub = TransformerBlockSubmodules(layer_specs=[seeded_spec(spec, seed, name)] * num_layers,
+                                             layer_norm=norm_cls)
+            block_config = dataclasses.replace(config, num_layers=num_layers, pipeline_model_parallel_size=1)
+            return TransformerBlock(block_config, sub, post_layer_norm=False)
 
-        self.embedding = LanguageModelEmbedding(config, cfg.vocab_size, cfg.seq_length, position_embedding_type="rope")
+        # The middle block is split by Megatron over the pipeline: each stage builds its slice with
+        # global layer numbers (layer offset = stage * layers per stage).
+        middle_config = dataclasses.replace(config, num_layers=sizes["middle"],
+                                            pipeline_model_parallel_size=stage.size)
         self.rotary = RotaryEmbedding(config.kv_channels, rotary_percent=1.0, rotary_base=cfg.rope_base,
                                       use_cpu_initialization=config.use_cpu_initialization)
-        self.begin = block(sizes["begin"])
-        self.middle = block(sizes["middle"])
-        self.end = block(sizes["end"])
-        self.hc = make_hyper_connections(cfg)
-        self.loop_embedding = make_loop_embedding(cfg)
-        self.final_norm = build_module(norm_cls, config=config, hidden_size=cfg.hidden_size, eps=cfg.norm_eps)
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            cfg.hidden_size, cfg.vocab_size, config=config, init_method=config.init_method, bias=False,
-            gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
-        )
+        self.embedding = self.begin = self.end = self.final_norm = self.output_layer = None
+        self.loop_embedding = None
+        self.hc = torch.nn.ModuleList()
+        if stage.first:
+            with seeded(seed, "embedding"):
+                self.embedding = LanguageModelEmbedding(config, cfg.vocab_size, cfg.seq_length,
+                                                        position_embedding_type="rope")
+            self.begin = block(sizes["begin"], "begin")
+        self.middle = TransformerBlock(middle_config, seeded_spec(spec, seed, "middle"), post_layer_norm=False)
+        if stage.first:
+            with seeded(seed, "hc"):
+                self.hc = make_hyper_connections(cfg)
+            self.loop_embedding = make_loop_embedding(cfg)
+        if stage.last:
+            self.end = block(sizes["end"], "end")
+            self.final_norm = build_module(norm_cls, config=config, hidden_size=cfg.hidden_size, eps=cfg.norm_eps)
+            with seeded(seed, "output_layer"):
+                self.output_layer = tensor_parallel.ColumnParallelLinear(
+                    cfg.hidden_size, cfg.vocab_size, config=config, init_method=config.init_method, bias=False,
+                    gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
+                )
         if config.params_dtype != torch.float32:
             self.hc.to(config.params_dtype)
 
     def blocks(self) -> list[TransformerBlock]:
         return [b for b in (self.begin, self.middle, self.end) if b is not None]
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final normalized hidden states ``[s, b, d]``."""
-        cfg = self.cfg
+    def _run(self, blk: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
+        seq = x.shape[0]
+        return blk(x, attention_mask=cpu_shim.causal_mask(seq), rotary_pos_emb=self.rotary(seq))
+
+    def run_middle(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's middle block (slice); with recompute, activations are kept per loop pass only."""
+        if self.recompute and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._run, self.middle, x, use_reentrant=False)
+        return self._run(self.middle, x)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """First stage: embeddings through the begin block, ``[s, b, d]``."""
         x = self.embedding(tokens, position_ids=None)
-        rope = self.rotary(tokens.shape[1])
-        mask = cpu_shim.causal_mask(tokens.shape[1])
+        return x if self.begin is None else self._run(self.begin, x)
 
-        def run_block(blk: TransformerBlock):
-            return lambda h: blk(h, attention_mask=mask, rotary_pos_emb=rope)
+    def boundary(self, loop: int, carry: Carry, y: torch.Tensor) -> tuple[Carry, torch.Tensor]:
+        """First stage: the loop boundary before pass ``loop`` (hyper-connection read / write)."""
+        cfg = self.cfg
+        return loop_boundary(cfg.kind, loop, num_passes(cfg.kind, cfg.loops), carry, y, list(self.hc),
+                             self.loop_embedding, cfg.hc.streams)
 
-        layers = [
-            (lambda h, layer=layer: layer(h, attention_mask=mask, rotary_pos_emb=rope)[0])
-            for blk in self.blocks() for layer in blk.layers
-        ]
-        x = run_body(
-            cfg.kind, x,
-            begin=None if self.begin is None else run_block(self.begin),
-            middle=run_block(self.middle),
-            end=None if self.end is None else run_block(self.end),
-            loops=cfg.loops, layers=layers, hcs=list(self.hc),
-            loop_embedding=self.loop_embedding, streams=cfg.hc.streams,
-        )
-        return self.final_norm(x)
+    def finish(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Last stage: end block, norm and head; logits ``[b, s, vocab]`` or per-token loss ``[b, s]``."""
+        return self.head(x if self.end is None else self._run(self.end, x), labels)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def head(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Last stage: final norm and LM head (see :meth:`finish`)."""
+        x = self.final_norm(x)
         weight = self.embedding.word_embeddings.weight if self.cfg.tie_embeddings else None
-        logits, _ = self.output_layer(self.hidden(tokens), weight=weight)
+        logits, _ = self.output_layer(x, weight=weight)
         if labels is None:
             return tensor_parallel.gather_from_tensor_model_parallel_region(logits).transpose(0, 1).contiguous()
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1).contiguous()
 
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole model on one pipeline stage."""
+        cfg = self.cfg
+        assert self.stage.size == 1, "a pipelined model runs through parallel/pipeline.py"
+        x = self.embedding(tokens, position_ids=None)
+        layers = [
+            (lambda h, layer=layer: layer(h, attention_mask=cpu_shim.causal_mask(h.shape[0]),
+                                          rotary_pos_emb=self.rotary(h.shape[0]))[0])
+            for blk in self.blocks() for layer in blk.layers
+        ]
+        x = run_body(
+            cfg.kind, x,
+            begin=None if self.begin is None else (lambda h: self._run(self.begin, h)),
+            middle=self.run_middle,
+            end=None,
+            loops=cfg.loops, layers=layers, hcs=list(self.hc),
+            loop_embedding=self.loop_embedding, streams=cfg.hc.streams,
+        )
+        if cfg.kind == "mhc":  # mhc's layers include the end block's; finish() must not run it again
+            return self.head(x, labels)
+        return self.finish(x, labels)
 
-def build_model(cfg: ModelConfig, tp: int = 1, pp: int = 1, precision: str = "fp32") -> HyperloopModel:
-    """Build the Megatron model for this rank (``parallel_state`` must be initialized)."""
-    config = transformer_config(cfg, tp=tp, pp=pp, precision=precision)
-    return HyperloopModel(dataclasses.replace(cfg), config)
+def build_model(cfg: ModelConfig, tp: int = 1, stage: Stage = Stage(), precision: str = "fp32",
+                recompute: bool = False, seed: int = 1234) -> HyperloopModel:
+    """Build the Megatron model (this rank's stage of it) once ``parallel_state`` is initialized."""
+    config = transformer_config(cfg, tp=tp, precision=precision)
+    return HyperloopModel(dataclasses.replace(cfg), config, stage, recompute, seed)

@@ -15,9 +15,10 @@ from hyperloop_dist.checkpoint import training_state
 from hyperloop_dist.checkpoint.store import find_resumable, publish, staging_dir
 from hyperloop_dist.config import Config, dump_config
 from hyperloop_dist.data.token_windows import WindowSampler, load_tokens, prepare_corpus
-from hyperloop_dist.model.hyperloop import HyperloopModel, build_model
+from hyperloop_dist.model.hyperloop import HyperloopModel, Stage, build_model
 from hyperloop_dist.parallel import cpu_shim
 from hyperloop_dist.parallel.distributed import RankInfo, init_distributed, shutdown_distributed
+from hyperloop_dist.parallel.pipeline import CircularPipeline
 from hyperloop_dist.train.metrics import MetricsLogger, window_mean
 
 if TYPE_CHECKING:
@@ -41,7 +42,11 @@ def build_training(cfg: Config) -> tuple[DistributedDataParallel, MegatronOptimi
 
     if cfg.train.precision == "bf16" and not cpu_shim.cuda_available():
         raise SystemExit("train.precision=bf16 needs a GPU; use train.precision=fp32 on CPU")
-    model = build_model(cfg.model, tp=cfg.parallel.tp, pp=cfg.parallel.pp, precision=cfg.train.precision)
+    from megatron.core import parallel_state
+
+    stage = Stage(rank=parallel_state.get_pipeline_model_parallel_rank(), size=cfg.parallel.pp)
+    model = build_model(cfg.model, tp=cfg.parallel.tp, stage=stage, precision=cfg.train.precision,
+                        recompute=cfg.train.recompute == "loop", seed=cfg.train.seed)
     if cpu_shim.cuda_available():
         model.cuda()
     distopt = cfg.parallel.distributed_optimizer
@@ -72,19 +77,22 @@ def unwrap(ddp: DistributedDataParallel) -> HyperloopModel:
 
 
 def train_step(cfg: Config, ddp: DistributedDataParallel, optimizer: MegatronOptimizer, sampler: WindowSampler,
-               step: int, info: RankInfo) -> tuple[float, float]:
+               step: int, info: RankInfo, pipeline: CircularPipeline | None = None) -> tuple[float, float]:
     """One optimizer step over ``grad_accum`` micro-batches; returns (DP-mean loss, grad norm)."""
     from megatron.core.distributed import finalize_model_grads
 
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    total = torch.zeros(())
-    for micro in range(cfg.train.grad_accum):
-        tokens, labels = sampler.batch(step, micro, info.dp_rank)
+    batches = [sampler.batch(step, micro, info.dp_rank) for micro in range(cfg.train.grad_accum)]
+    if pipeline is not None:
+        total = torch.tensor(pipeline.step(batches))
+    else:
+        total = torch.zeros(())
         device = cpu_shim.device()
-        loss = ddp(tokens.to(device), labels=labels.to(device)).mean() / cfg.train.grad_accum
-        loss.backward()
-        total += loss.detach().float().cpu()
+        for tokens, labels in batches:
+            loss = ddp(tokens.to(device), labels=labels.to(device)).mean() / cfg.train.grad_accum
+            loss.backward()
+            total += loss.detach().float().cpu()
     with cpu_shim.device_mode():
         finalize_model_grads([ddp])
         _, grad_norm, _ = optimizer.step()
@@ -132,6 +140,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     say(f"{cfg.model.kind}: {n_params:,} parameters | {info.world_size} ranks (dp={info.dp_size}) | "
         f"{sampler.windows_per_step * cfg.model.seq_length:,} tokens/step | run dir {run_dir}")
 
+    pipeline = CircularPipeline(model, cfg.train.micro_batch_size) if cfg.parallel.pp > 1 else None
     logger = MetricsLogger(cfg, run_dir, info.is_main, cfg.train.steps)
     tokens_per_step = sampler.windows_per_step * cfg.model.seq_length
     losses: list[float] = []
@@ -139,7 +148,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     step = start_step
     try:
         for step in range(start_step, cfg.train.steps):
-            loss, grad_norm = train_step(cfg, ddp, optimizer, sampler, step, info)
+            loss, grad_norm = train_step(cfg, ddp, optimizer, sampler, step, info, pipeline)
             scheduler.step(increment=1)
             losses.append(loss)
             tokens_seen += tokens_per_step
