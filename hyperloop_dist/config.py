@@ -85,6 +85,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (ZeRO-1)
+    overlap_grad_reduce: bool = False  # start DP gradient reduction per bucket during the backward pass
     backend: str = "auto"  # auto = nccl with CUDA, gloo without
     timeout_s: int = 600
 
@@ -315,6 +316,8 @@ def validate(cfg: Config) -> None:
                             ("model.ffn_hidden_size", m.ffn_size), ("model.vocab_size", m.vocab_size)):
             _require(value % p.tp == 0, f"parallel.tp={p.tp}: must divide {name}={value}")
     if p.pp > 1:
+        _require(not p.overlap_grad_reduce, f"parallel.overlap_grad_reduce=true with parallel.pp={p.pp}: not offered "
+                                            "with the circular pipeline yet; set parallel.overlap_grad_reduce=false")
         _require(m.kind != "mhc", f"parallel.pp={p.pp} with model.kind='mhc': mHC wraps every layer, so its stream "
                                   "state would cross every stage; use parallel.pp=1 for mhc")
         _require(not m.tie_embeddings, f"parallel.pp={p.pp} with model.tie_embeddings=true: the embedding and head "

@@ -117,3 +117,21 @@ def test_unique_layers_per_kind() -> None:
     for kind, expected in {"transformer": 8, "mhc": 8, "looped": 4, "hyperloop": 4}.items():
         model = build(dataclasses.replace(SMALL, kind=kind, loops=3))
         assert sum(len(b.layers) for b in model.blocks()) == expected
+
+
+@pytest.mark.parametrize("kind", ["hyperloop", "looped"])
+def test_per_loop_recompute_gives_the_same_loss_and_gradients(kind: str) -> None:
+    from hyperloop_dist.model.hyperloop import build_model
+
+    cfg = dataclasses.replace(SMALL, kind=kind)
+    grads = []
+    for recompute in (False, True):
+        model = build_model(cfg, recompute=recompute)
+        perturb_identity_params(model)
+        x = tokens(cfg)
+        loss = model(x, labels=x).mean()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=0, rtol=0)
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, atol=1e-6, rtol=1e-6, msg=name)

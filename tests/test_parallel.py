@@ -21,13 +21,21 @@ from .helpers import checkpoint, losses, train, weights
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("megatron_world")]
 
 STEPS = 6
-LAYOUTS = {  # name: (overrides, processes)
+LAYOUTS = {  # name: overrides (pipeline runs need an untied head, so every run unties it)
     "single": ["parallel.nproc_per_node=1", "train.grad_accum=2"],
     "tp2": ["parallel.nproc_per_node=2", "parallel.tp=2", "train.grad_accum=2"],
-    "tp2dp2": ["parallel.nproc_per_node=4", "parallel.tp=2"],
+    "pp2": ["parallel.nproc_per_node=2", "parallel.pp=2", "train.grad_accum=2"],
+    "dp2": ["parallel.nproc_per_node=2"],
+    "tp2pp2": ["parallel.nproc_per_node=4", "parallel.tp=2", "parallel.pp=2", "train.grad_accum=2"],
     "dp2_distopt": ["parallel.nproc_per_node=2", "parallel.distributed_optimizer=true"],
+    # Overlapped DP reduction while the shared middle block reports one gradient event per recomputed loop.
+    "dp2_overlap_recompute": ["parallel.nproc_per_node=2", "parallel.overlap_grad_reduce=true", "train.recompute=loop",
+                              "train.micro_batch_size=2", "train.grad_accum=2"],
 }
-KIND_LAYOUTS = {"hyperloop": ["single", "tp2", "tp2dp2", "dp2_distopt"], "transformer": ["single", "tp2dp2"]}
+KIND_LAYOUTS = {
+    "hyperloop": ["single", "tp2", "pp2", "tp2pp2", "dp2_distopt", "dp2_overlap_recompute"],
+    "transformer": ["single", "tp2", "pp2", "tp2pp2", "dp2"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +46,7 @@ def runs(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict
         for name in layouts:
             run_dir = root / f"{kind}-{name}"
             train([*tiny_data, *LAYOUTS[name], f"model.kind={kind}", f"train.steps={STEPS}",
-                   "train.save_interval=3"], run_dir)
+                   "train.save_interval=3", "model.tie_embeddings=false"], run_dir)
             out[kind, name] = run_dir
     return out
 
@@ -60,34 +68,37 @@ def _resume_copy(run_dir: Path, step: int, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize(("source", "target"), [("tp2", "single"), ("dp2_distopt", "dp2_distopt")])
+@pytest.mark.parametrize(("source", "target"),
+                         [("tp2", "single"), ("tp2", "pp2"), ("pp2", "single"), ("dp2_distopt", "dp2_distopt")])
 def test_resume_under_another_layout_continues_the_same_run(runs: dict, tiny_data: list[str], tmp_path: Path,
                                                             source: str, target: str) -> None:
     """Saved at step 3 under `source`, resumed under `target`: steps 4-6 as in the uninterrupted run."""
     resumed = _resume_copy(runs["hyperloop", source], 3, tmp_path / "resumed")
-    log = train([*tiny_data, *LAYOUTS[target], f"train.steps={STEPS}"], resumed)
+    log = train([*tiny_data, *LAYOUTS[target], f"train.steps={STEPS}", "model.tie_embeddings=false"], resumed)
     assert "resumed from" in log.stdout
     straight, after = losses(runs["hyperloop", source]), losses(resumed)
     for step in range(4, STEPS + 1):
         assert after[step] == pytest.approx(straight[step], rel=1e-5), step
 
 
-def test_release_consolidates_a_tensor_parallel_checkpoint(runs: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_release_consolidates_a_model_parallel_checkpoint(runs: dict, tmp_path: Path, layout: str) -> None:
     out = tmp_path / "release"
     subprocess.run([sys.executable, "-m", "hyperloop_dist.cli", "export", "--release",
-                    str(runs["hyperloop", "tp2"]), str(out)], check=True, capture_output=True)
+                    str(runs["hyperloop", layout]), str(out)], check=True, capture_output=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
     model = load_release(out)
-    trained = weights(runs["hyperloop", "tp2"], STEPS)
+    trained = weights(runs["hyperloop", layout], STEPS)
     # middle block stored once: the release has exactly the looped model's unique layers
     assert sum(1 for k in model.state_dict() if k.endswith("linear_proj.weight")) == 4
     from hyperloop_dist.model.hyperloop import build_model
 
     megatron = build_model(model.cfg)
-    megatron.load_state_dict(trained, strict=False)
+    result = megatron.load_state_dict(trained, strict=False)
+    assert not result.unexpected_keys and all(k.endswith("_extra_state") for k in result.missing_keys)
     tokens = torch.randint(0, model.cfg.vocab_size, (2, model.cfg.seq_length))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), megatron(tokens), atol=1e-5, rtol=0)
     again = subprocess.run([sys.executable, "-m", "hyperloop_dist.cli", "export", "--release",
-                            str(runs["hyperloop", "tp2"]), str(out)], capture_output=True, text=True)
+                            str(runs["hyperloop", layout]), str(out)], capture_output=True, text=True)
     assert again.returncode == 2 and "not empty" in again.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -50,7 +51,8 @@ def build_training(cfg: Config) -> tuple[DistributedDataParallel, MegatronOptimi
     if cpu_shim.cuda_available():
         model.cuda()
     distopt = cfg.parallel.distributed_optimizer
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                               overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
                                                use_distributed_optimizer=distopt)
     with cpu_shim.device_mode():
         ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
@@ -89,9 +91,13 @@ def train_step(cfg: Config, ddp: DistributedDataParallel, optimizer: MegatronOpt
     else:
         total = torch.zeros(())
         device = cpu_shim.device()
-        for tokens, labels in batches:
-            loss = ddp(tokens.to(device), labels=labels.to(device)).mean() / cfg.train.grad_accum
-            loss.backward()
+        for micro, (tokens, labels) in enumerate(batches):
+            # Megatron DDP reduces a bucket once every parameter in it reported all its gradient events of
+            # the last micro-batch (a looped weight reports once per recomputed loop): no_sync before that.
+            last = micro == len(batches) - 1
+            with contextlib.nullcontext() if last else ddp.no_sync():
+                loss = ddp(tokens.to(device), labels=labels.to(device)).mean() / cfg.train.grad_accum
+                loss.backward()
             total += loss.detach().float().cpu()
     with cpu_shim.device_mode():
         finalize_model_grads([ddp])
@@ -137,7 +143,9 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
         start_step = training_state.load(resume_from, cfg, model, optimizer, scheduler, sampler.windows_per_step)
         say(f"resumed from {resume_from} at step {start_step}")
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"{cfg.model.kind}: {n_params:,} parameters | {info.world_size} ranks (dp={info.dp_size}) | "
+    where = "" if cfg.parallel.tp == cfg.parallel.pp == 1 else " on rank 0 (its TP shard of pipeline stage 0)"
+    say(f"{cfg.model.kind}: {n_params:,} parameters{where} | {info.world_size} ranks (tp={cfg.parallel.tp}, "
+        f"pp={cfg.parallel.pp}, dp={info.dp_size}) | "
         f"{sampler.windows_per_step * cfg.model.seq_length:,} tokens/step | run dir {run_dir}")
 
     pipeline = CircularPipeline(model, cfg.train.micro_batch_size) if cfg.parallel.pp > 1 else None
