@@ -55,6 +55,18 @@ BAD = [
     (["parallel.tp=3"], "parallel.tp=3: must divide model.num_heads=4"),
     (["parallel.tp=2", "model.vocab_size=2047"], "parallel.tp=2: must divide model.vocab_size=2047"),
     (["parallel.engine=horovod"], "parallel.engine='horovod': must be one of"),
+    (["parallel.pp=3", "model.tie_embeddings=false"],
+     "parallel.pp=3: the middle block's 2 layers are split evenly over the pipeline (model.middle_layers); "
+     "valid parallel.pp: 1, 2"),
+    (["parallel.pp=4", "model.kind=transformer", "model.tie_embeddings=false"],
+     "the middle block's 6 layers are split evenly over the pipeline (model.middle_layers x model.loops); "
+     "valid parallel.pp: 1, 2, 3, 6"),
+    (["parallel.pp=2"], "parallel.pp=2 with model.tie_embeddings=true: the embedding and head sit on different "
+                        "stages; set model.tie_embeddings=false"),
+    (["parallel.pp=2", "model.kind=mhc", "model.tie_embeddings=false"], "parallel.pp=2 with model.kind='mhc'"),
+    (["parallel.pp=2", "model.tie_embeddings=false", "parallel.overlap_grad_reduce=true"],
+     "parallel.overlap_grad_reduce=true with parallel.pp=2: not offered"),
+    (["train.recompute=full"], "train.recompute='full': must be one of 'none', 'loop'"),
     (["data.heldout_fraction=0.9"], "data.heldout_fraction=0.9: must be in (0, 0.5)"),
 ]
 
