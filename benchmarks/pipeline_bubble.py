@@ -35,10 +35,10 @@ def _worker(rank: int, world: int, port: int, kind: str, loops: int, steps: int,
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from hyperloop_dist.data.token_windows import WindowSampler
     from megatron.core import parallel_state as ps
 
     from hyperloop_dist.config import load_config
+    from hyperloop_dist.data.token_windows import WindowSampler
     from hyperloop_dist.parallel.distributed import init_distributed, shutdown_distributed
     from hyperloop_dist.parallel.pipeline import CircularPipeline
     from hyperloop_dist.train.trainer import build_training, train_step, unwrap

@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from hyperloop_dist.data.tokenizer import EOS_ID
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from hyperloop_dist.data.tokenizer import EOS_ID
 
 MAX_PIECE = 1 << 20  # characters tokenized at once
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".md": "text",

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 import torch
-from hyperloop_dist.data.corpus import corpus_files, document_group, obtain_shakespeare
-from hyperloop_dist.data.tokenizer import EOS_ID, load_tokenizer, train_tokenizer
 
 from hyperloop_dist.config import Config
+from hyperloop_dist.data.corpus import corpus_files, document_group, obtain_shakespeare
+from hyperloop_dist.data.tokenizer import EOS_ID, load_tokenizer, train_tokenizer
 
 TOKENIZER_SAMPLE_BYTES = 32 * 1024 * 1024
 
@@ -62,22 +62,20 @@ def _write_tokens(sp: spm.SentencePieceProcessor, files: list[Path], out: Path, 
 
 def prepare_corpus(cfg: Config, log: Callable[[str], object] = print) -> Path:
     """Obtain the corpus, train the tokenizer if missing, tokenize; idempotent. Returns the tokens dir."""
+    from hyperloop_dist.data.batches import tokenizer_sample, train_sources
+
     d = cfg.data
     if d.corpus == "shakespeare":
         obtain_shakespeare(d.dir)
-    files = corpus_files(d.dir)
+    train_sources(cfg)  # a missing or unreadable source stops here, before any training
     tok_path = Path(d.tokenizer)
     if not tok_path.is_file():
-        log(f"training a {cfg.model.vocab_size}-piece BPE tokenizer on {len(files)} files in {d.dir}")
-        sample, size = [], 0
-        for f in files:
-            text = f.read_text(encoding="utf-8", errors="replace")
-            sample.append(text)
-            size += len(text)
-            if size >= TOKENIZER_SAMPLE_BYTES:
-                break
-        train_tokenizer(sample, cfg.model.vocab_size, tok_path)
+        log(f"training a {cfg.model.vocab_size}-piece BPE tokenizer on the training sources")
+        train_tokenizer(tokenizer_sample(cfg, TOKENIZER_SAMPLE_BYTES, progress=False), cfg.model.vocab_size, tok_path)
     sp = load_tokenizer(tok_path, cfg.model.vocab_size)
+    if d.corpus == "sources":
+        return tok_path.parent  # streamed: nothing to pre-tokenize
+    files = corpus_files(d.dir)
     tokens_dir = Path(d.dir) / "tokens"
     meta_path = tokens_dir / "meta.json"
     tok_hash = _sha256(tok_path)

@@ -18,6 +18,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path,
     out_path.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     lines = (line for text in texts for line in text.splitlines() if line.strip())
+    try:
+        _train(lines, model, vocab_size, max_sentence_length)
+    except RuntimeError as exc:
+        if "Vocabulary size too high" in str(exc):
+            raise ValueError(f"the tokenizer sample has too little distinct text for model.vocab_size={vocab_size} "
+                             f"({str(exc).rsplit(']', 1)[-1].strip()}); lower model.vocab_size or sample more text") from exc
+        raise
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(out_path)
+    return out_path
+
+
+def _train(lines: Iterable[str], model: io.BytesIO, vocab_size: int, max_sentence_length: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=lines, model_writer=model, model_type="bpe", vocab_size=vocab_size,
         normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
@@ -25,10 +39,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, num_threads=2,
         minloglevel=2, train_extremely_large_corpus=False,
     )
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_bytes(model.getvalue())
-    tmp.replace(out_path)
-    return out_path
 
 
 def load_tokenizer(path: str | Path, expected_vocab: int | None = None) -> spm.SentencePieceProcessor:

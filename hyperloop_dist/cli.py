@@ -11,6 +11,7 @@ import sys
 
 from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import Config, ConfigError, load_config
+from hyperloop_dist.data.stream import DataError
 
 
 def _split_recipe(items: list[str]) -> tuple[str | None, list[str]]:
@@ -42,6 +43,20 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     tokens_dir = prepare_corpus(cfg)
     print(f"data ready: corpus {cfg.data.dir}, tokenizer {cfg.data.tokenizer}, tokens {tokens_dir}")
+    return 0
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from hyperloop_dist.data.batches import tokenizer_sample
+    from hyperloop_dist.data.corpus import obtain_shakespeare
+    from hyperloop_dist.data.tokenizer import load_tokenizer, train_tokenizer
+
+    cfg = _load(args.config)
+    if cfg.data.corpus == "shakespeare":
+        obtain_shakespeare(cfg.data.dir)
+    out = train_tokenizer(tokenizer_sample(cfg, int(args.sample_mb * 1e6)), cfg.model.vocab_size, cfg.data.tokenizer)
+    sp = load_tokenizer(out, cfg.model.vocab_size)
+    print(f"tokenizer written to {out}: {sp.vocab_size()} pieces (BPE, byte fallback, pad/unk/bos/eos = 0/1/2/3)")
     return 0
 
 
@@ -86,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
     p.set_defaults(func=cmd_data_prepare)
 
+    p = data.add_parser("train-tokenizer", help="train the sentencepiece BPE tokenizer on a sample of the sources")
+    p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
+    p.add_argument("--sample-mb", type=float, default=32.0, help="megabytes of text to train on (default 32)")
+    p.set_defaults(func=cmd_train_tokenizer)
+
     p = sub.add_parser("export", help="consolidate a checkpoint into a release")
     p.add_argument("--release", action="store_true", help="one safetensors file + config.json + tokenizer")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest good checkpoint)")
@@ -105,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hyperloop: config error: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, FileExistsError) as exc:
+    except (CheckpointError, FileExistsError, DataError, ValueError) as exc:
         print(f"hyperloop: {exc}", file=sys.stderr)
         return 2
 

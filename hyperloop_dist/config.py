@@ -104,11 +104,22 @@ class OptimConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = ""  # a file, a directory or a glob (local or fsspec)
+    format: str = "auto"  # auto (from the extension), jsonl, parquet, text
+    text_field: str = "text"
+    weight: float = 1.0  # mixture weight
+
+
+@dataclass
 class DataConfig:
-    corpus: str = "shakespeare"  # a built-in corpus name (obtained on first use), or "dir"
+    corpus: str = "shakespeare"  # shakespeare (obtained on first use), dir (*.txt in data.dir), sources
     dir: str = "data/shakespeare"  # text files (*.txt) of the corpus
     tokenizer: str = "data/shakespeare/tokenizer.model"
     heldout_fraction: float = 0.02
+    sources: list[SourceConfig] = field(default_factory=list)  # corpus=sources: the training mixture
+    loader: str = "stream"  # stream: the streaming pipeline; windows: random windows of pre-tokenized files
+    workers: int = 1  # loader worker processes per rank (0 = tokenize in the training process)
 
 
 @dataclass
@@ -203,6 +214,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         annotation = hints[key]
         if dataclasses.is_dataclass(annotation):
             kwargs[key] = _build(annotation, value, f"{path}.")
+        elif typing.get_origin(annotation) is list:
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+            (item,) = typing.get_args(annotation)
+            kwargs[key] = [_build(item, v, f"{path}[{i}].") for i, v in enumerate(value)]
         else:
             kwargs[key] = _check_type(path, value, annotation)
     return cls(**kwargs)
@@ -342,7 +358,16 @@ def validate(cfg: Config) -> None:
         _require(0 <= value < 1, f"optim.{name}={value}: must be in [0, 1)")
     _positive("optim.grad_clip", o.grad_clip, zero_ok=True)
 
-    _one_of("data.corpus", d.corpus, ("shakespeare", "dir"))
+    _one_of("data.corpus", d.corpus, ("shakespeare", "dir", "sources"))
+    _one_of("data.loader", d.loader, ("stream", "windows"))
+    _positive("data.workers", d.workers, zero_ok=True)
+    _require(d.corpus != "sources" or d.sources, "data.sources: data.corpus=sources needs at least one source")
+    _require(d.corpus != "sources" or d.loader == "stream",
+             "data.loader='windows' reads a tokenized data.dir; use data.loader=stream with data.corpus=sources")
+    for i, src in enumerate(d.sources):
+        _require(src.path != "", f"data.sources[{i}].path: must name a file, directory or glob")
+        _one_of(f"data.sources[{i}].format", src.format, ("auto", "jsonl", "parquet", "text"))
+        _positive(f"data.sources[{i}].weight", src.weight)
     _require(0 < d.heldout_fraction < 0.5, f"data.heldout_fraction={d.heldout_fraction}: must be in (0, 0.5)")
 
     for name in ("steps", "micro_batch_size", "grad_accum", "log_interval", "keep_last", "threads_per_rank"):

@@ -58,9 +58,8 @@ TINY_MODEL = [
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """Overrides pointing a run at a tokenized copy of the fixture corpus (vocab 512)."""
-    from hyperloop_dist.data.token_windows import prepare_corpus
-
     from hyperloop_dist.config import load_config
+    from hyperloop_dist.data.token_windows import prepare_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     shutil.copytree(FIXTURE_CORPUS, root / "texts")

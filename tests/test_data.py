@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from hyperloop_dist.config import load_config
 from hyperloop_dist.data.corpus import CorpusError, corpus_files, document_group
 from hyperloop_dist.data.token_windows import WindowSampler, load_tokens, prepare_corpus, split_files
 from hyperloop_dist.data.tokenizer import EOS_ID, load_tokenizer
-
-from hyperloop_dist.config import load_config
 
 from .conftest import FIXTURE_CORPUS
 

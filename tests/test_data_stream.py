@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from hyperloop_dist.config import load_config
 from hyperloop_dist.data.stream import (
     DataError,
     DataStats,
@@ -17,8 +19,6 @@ from hyperloop_dist.data.stream import (
     resolve_source,
 )
 from hyperloop_dist.data.tokenizer import EOS_ID, load_tokenizer
-
-from hyperloop_dist.config import load_config
 
 from .conftest import FIXTURE_CORPUS
 
@@ -167,3 +167,26 @@ def test_missing_and_unreadable_sources_fail_before_training(tmp_path: Path) -> 
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="cannot tell the format"):
         resolve_source(str(tmp_path / "*.csv"))
+
+
+def test_mixture_sources_train_a_tokenizer_from_the_cli(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a").mkdir()
+    for i in range(2):
+        write_jsonl(tmp_path / "a" / f"{i}.jsonl", doc_texts(80, f"j{i}"))
+    pq.write_table(pa.table({"content": doc_texts(80, "pq")}), tmp_path / "b.parquet")
+    sources = (f"data.sources=[{{path: {tmp_path / 'a'}}}, "
+               f"{{path: {tmp_path / 'b.parquet'}, text_field: content, weight: 0.5}}]")
+    args = ["data.corpus=sources", sources, f"data.tokenizer={tmp_path / 'tok.model'}", "model.vocab_size=300"]
+    cli = [sys.executable, "-m", "hyperloop_dist.cli", "data"]
+    done = subprocess.run([*cli, "train-tokenizer", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert load_tokenizer(tmp_path / "tok.model").vocab_size() == 300
+    missing = subprocess.run([*cli, "prepare", "data.corpus=sources", f"data.sources=[{{path: {tmp_path / 'x'}}}]"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -1,7 +1,8 @@
 """Megatron-core parallel layouts against the single-process run, resharding checkpoints, releases.
 
-Every run uses the same global batch (8 windows a step) and seed, so the loss trajectory and the weights
-must not depend on the layout.
+Every run uses the same global batch (8 windows a step) and seed, and the stateless windows loader (the
+streaming loader deals documents by DP rank, so its batches depend on the layout by design), so the loss
+trajectory and the weights must not depend on the layout.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def runs(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict
         for name in layouts:
             run_dir = root / f"{kind}-{name}"
             train([*tiny_data, *LAYOUTS[name], f"model.kind={kind}", f"train.steps={STEPS}",
-                   "train.save_interval=3", "model.tie_embeddings=false"], run_dir)
+                   "train.save_interval=3", "model.tie_embeddings=false", "data.loader=windows"], run_dir)
             out[kind, name] = run_dir
     return out
 
@@ -74,7 +75,8 @@ def test_resume_under_another_layout_continues_the_same_run(runs: dict, tiny_dat
                                                             source: str, target: str) -> None:
     """Saved at step 3 under `source`, resumed under `target`: steps 4-6 as in the uninterrupted run."""
     resumed = _resume_copy(runs["hyperloop", source], 3, tmp_path / "resumed")
-    log = train([*tiny_data, *LAYOUTS[target], f"train.steps={STEPS}", "model.tie_embeddings=false"], resumed)
+    log = train([*tiny_data, *LAYOUTS[target], f"train.steps={STEPS}", "model.tie_embeddings=false",
+                 "data.loader=windows"], resumed)
     assert "resumed from" in log.stdout
     straight, after = losses(runs["hyperloop", source]), losses(resumed)
     for step in range(4, STEPS + 1):

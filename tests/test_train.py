@@ -25,13 +25,17 @@ SAVE_EVERY = 4
 @pytest.fixture(scope="module")
 def runs(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("runs")
-    out: dict = {name: root / name for name in ("dp2", "single", "resumed")}
-    dp2 = [*tiny_data, f"train.steps={STEPS}", "parallel.nproc_per_node=2", f"train.save_interval={SAVE_EVERY}"]
-    out["dp2_log"] = train(dp2, out["dp2"])
+    out: dict = {name: root / name for name in ("dp2", "single", "stream", "resumed")}
+    windows = [*tiny_data, f"train.steps={STEPS}", "data.loader=windows"]
+    dp2 = ["parallel.nproc_per_node=2", f"train.save_interval={SAVE_EVERY}"]
+    out["dp2_log"] = train([*windows, *dp2], out["dp2"])
     # Same global batch (8 windows) on one process: two micro-batches of 4.
-    train([*tiny_data, f"train.steps={STEPS}", "parallel.nproc_per_node=1", "train.grad_accum=2"], out["single"])
-    train_and_kill_after_first_save(dp2, out["resumed"])
-    out["resumed_log"] = train(dp2, out["resumed"])
+    train([*windows, "parallel.nproc_per_node=1", "train.grad_accum=2"], out["single"])
+    # The default streaming loader with 2 workers per rank: killed after its first save, then resumed.
+    stream = [*tiny_data, f"train.steps={STEPS}", *dp2, "data.workers=2"]
+    out["stream_log"] = train(stream, out["stream"])
+    train_and_kill_after_first_save(stream, out["resumed"])
+    out["resumed_log"] = train(stream, out["resumed"])
     return out
 
 
@@ -48,10 +52,10 @@ def test_data_parallel_matches_single_process(runs: dict) -> None:
 
 def test_killed_and_resumed_run_equals_uninterrupted_run_bitwise(runs: dict) -> None:
     assert "resumed from" in runs["resumed_log"].stdout
-    straight, resumed = losses(runs["dp2"]), losses(runs["resumed"])
+    straight, resumed = losses(runs["stream"]), losses(runs["resumed"])
     for step in range(1, STEPS + 1):
         assert resumed[step] == straight[step], step
-    a, b = weights(runs["dp2"], STEPS), weights(runs["resumed"], STEPS)
+    a, b = weights(runs["stream"], STEPS), weights(runs["resumed"], STEPS)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -69,6 +73,9 @@ def test_run_directory_contract(runs: dict) -> None:
         assert {"meta.json", "config.yaml", "tokenizer.model", "dist/metadata.json", "rng/rank_00000.pt",
                 "rng/rank_00001.pt"} <= files
         assert any(f.endswith(".distcp") for f in files)
+    stream_manifest = verify_checkpoint(runs["stream"] / "checkpoints" / f"step_{STEPS:08d}")
+    assert {"data/dp_00000.json", "data/dp_00001.json"} <= set(stream_manifest["files"])
+    assert "data stream loader" in runs["stream_log"].stdout and "bad records skipped" in runs["stream_log"].stdout
     log = runs["dp2_log"].stdout
     assert f"step {STEPS:>6}/{STEPS}" in log and "loss, last" in log  # progress + summary, rank 0 only
     assert log.count("saved checkpoint") == STEPS // SAVE_EVERY

@@ -3,7 +3,8 @@
 ``dist/``: model and optimizer as ``megatron.core.dist_checkpointing`` (torch_dist) shards, so a
 checkpoint saved under one TP / DP layout loads under another. ``rng/rank_XXXXX.pt``: each rank's CPU RNG
 and Megatron RNG-tracker states (restored when the layout is unchanged). ``meta.json``: format version,
-step, optimizer step, LR-scheduler state, the layout and the model config. ``config.yaml`` and
+step, optimizer step, LR-scheduler state, the layout and the model config. ``data/dp_XXXXX.json``: the
+streaming pipeline's position of each data-parallel replica. ``config.yaml`` and
 ``tokenizer.model``: the run's recipe and tokenizer.
 
 Nothing is unpickled beyond tensors and plain values (``torch.load(weights_only=True)``; torch_dist shards
@@ -87,7 +88,8 @@ def _rng_state() -> dict[str, Any]:
 
 
 def write(directory: Path, cfg: Config, step: int, model: HyperloopModel, optimizer: MegatronOptimizer,
-          scheduler: OptimizerParamScheduler, windows_per_step: int) -> None:
+          scheduler: OptimizerParamScheduler, windows_per_step: int, dp_rank: int = 0,
+          data_state: dict[str, Any] | None = None) -> None:
     """Every rank calls this with the same staging ``directory``."""
     from megatron.core import dist_checkpointing
 
@@ -96,6 +98,9 @@ def write(directory: Path, cfg: Config, step: int, model: HyperloopModel, optimi
     with cpu_shim.device_mode():
         dist_checkpointing.save(_sharded_state(model, optimizer, loading=False), str(directory / "dist"))
     rank = dist.get_rank()
+    if data_state is not None and _first_in_data_replica():
+        (directory / "data").mkdir(exist_ok=True)
+        (directory / "data" / f"dp_{dp_rank:05d}.json").write_text(json.dumps(data_state))
     (directory / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), directory / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
@@ -107,6 +112,19 @@ def write(directory: Path, cfg: Config, step: int, model: HyperloopModel, optimi
         tokenizer = Path(cfg.data.tokenizer)
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, directory / "tokenizer.model")
+
+
+def _first_in_data_replica() -> bool:
+    """All ranks of one data-parallel replica (its TP x PP ranks) consume the same data: one writes it."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+
+
+def load_data_state(path: Path, dp_rank: int) -> dict[str, Any] | None:
+    """The data pipeline's position for this data-parallel rank (None: the run used stateless windows)."""
+    state = path / "data" / f"dp_{dp_rank:05d}.json"
+    return json.loads(state.read_text()) if state.is_file() else None
 
 
 def read_meta(path: Path) -> dict[str, Any]:

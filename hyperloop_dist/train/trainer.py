@@ -15,7 +15,8 @@ import torch.distributed as dist
 from hyperloop_dist.checkpoint import training_state
 from hyperloop_dist.checkpoint.store import find_resumable, publish, staging_dir
 from hyperloop_dist.config import Config, dump_config
-from hyperloop_dist.data.token_windows import WindowSampler, load_tokens, prepare_corpus
+from hyperloop_dist.data.batches import Batches, make_batches
+from hyperloop_dist.data.token_windows import prepare_corpus
 from hyperloop_dist.model.hyperloop import HyperloopModel, Stage, build_model
 from hyperloop_dist.parallel import cpu_shim
 from hyperloop_dist.parallel.distributed import RankInfo, init_distributed, shutdown_distributed
@@ -78,14 +79,14 @@ def unwrap(ddp: DistributedDataParallel) -> HyperloopModel:
     return ddp.module
 
 
-def train_step(cfg: Config, ddp: DistributedDataParallel, optimizer: MegatronOptimizer, sampler: WindowSampler,
+def train_step(cfg: Config, ddp: DistributedDataParallel, optimizer: MegatronOptimizer, data: Batches,
                step: int, info: RankInfo, pipeline: CircularPipeline | None = None) -> tuple[float, float]:
     """One optimizer step over ``grad_accum`` micro-batches; returns (DP-mean loss, grad norm)."""
     from megatron.core.distributed import finalize_model_grads
 
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    batches = [sampler.batch(step, micro, info.dp_rank) for micro in range(cfg.train.grad_accum)]
+    batches = [data.next(step, micro) for micro in range(cfg.train.grad_accum)]
     if pipeline is not None:
         total = torch.tensor(pipeline.step(batches))
     else:
@@ -133,30 +134,29 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     dist.barrier()
     ddp, optimizer, scheduler = build_training(cfg)
     model = unwrap(ddp)
-    tokens_dir = Path(cfg.data.dir) / "tokens"
-    sampler = WindowSampler(load_tokens(tokens_dir, "train"), cfg.model.seq_length, cfg.train.micro_batch_size,
-                            cfg.train.grad_accum, info.dp_size, cfg.train.seed)
-
-    start_step = 0
+    windows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * info.dp_size
+    start_step, data_state = 0, None
     resume_from = _agree(find_resumable(run_dir, log=say) if info.is_main else None)
     if resume_from is not None:
-        start_step = training_state.load(resume_from, cfg, model, optimizer, scheduler, sampler.windows_per_step)
+        start_step = training_state.load(resume_from, cfg, model, optimizer, scheduler, windows_per_step)
+        data_state = training_state.load_data_state(resume_from, info.dp_rank)
         say(f"resumed from {resume_from} at step {start_step}")
+    data = make_batches(cfg, info.dp_rank, info.dp_size, data_state)
     n_params = sum(p.numel() for p in model.parameters())
     where = "" if cfg.parallel.tp == cfg.parallel.pp == 1 else " on rank 0 (its TP shard of pipeline stage 0)"
     say(f"{cfg.model.kind}: {n_params:,} parameters{where} | {info.world_size} ranks (tp={cfg.parallel.tp}, "
         f"pp={cfg.parallel.pp}, dp={info.dp_size}) | "
-        f"{sampler.windows_per_step * cfg.model.seq_length:,} tokens/step | run dir {run_dir}")
+        f"{windows_per_step * cfg.model.seq_length:,} tokens/step | data {cfg.data.loader} loader | run dir {run_dir}")
 
     pipeline = CircularPipeline(model, cfg.train.micro_batch_size) if cfg.parallel.pp > 1 else None
     logger = MetricsLogger(cfg, run_dir, info.is_main, cfg.train.steps)
-    tokens_per_step = sampler.windows_per_step * cfg.model.seq_length
+    tokens_per_step = windows_per_step * cfg.model.seq_length
     losses: list[float] = []
     tick, t_start, tokens_seen = time.perf_counter(), time.perf_counter(), 0
     step = start_step
     try:
         for step in range(start_step, cfg.train.steps):
-            loss, grad_norm = train_step(cfg, ddp, optimizer, sampler, step, info, pipeline)
+            loss, grad_norm = train_step(cfg, ddp, optimizer, data, step, info, pipeline)
             scheduler.step(increment=1)
             losses.append(loss)
             tokens_seen += tokens_per_step
@@ -167,23 +167,28 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
                 record = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
                           "grad_norm": grad_norm,
                           "tokens_per_s": steps_in_window * tokens_per_step / max(now - tick, 1e-9),
-                          "tokens": done * tokens_per_step}
+                          "tokens": done * tokens_per_step,
+                          **{f"data/{k}": v for k, v in data.stats().items()}}
                 tick = now
                 logger.log(record)
                 logger.progress(record)
             if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
-                _save(cfg, run_dir, done, model, optimizer, scheduler, info, sampler.windows_per_step)
+                _save(cfg, run_dir, done, model, optimizer, scheduler, info, data)
         final = cfg.train.steps
         if step + 1 == final and final > start_step:
-            _save(cfg, run_dir, final, model, optimizer, scheduler, info, sampler.windows_per_step)
+            _save(cfg, run_dir, final, model, optimizer, scheduler, info, data)
     finally:
         logger.close()
     elapsed = time.perf_counter() - t_start
     tps = tokens_seen / max(elapsed, 1e-9)
     if losses:
         n = min(100, max(1, len(losses) // 3))
+        stats = data.stats()
+        skipped = sum(v for k, v in stats.items() if k not in ("documents", "tokens", "split_documents"))
         logger.summary([
             ("model", f"{cfg.model.kind} ({n_params:,} params)"),
+            *([("data (rank 0)", f"{stats['documents']:,} documents, {stats['tokens']:,} tokens read, "
+                                 f"{skipped:,} bad records skipped")] if stats else []),
             ("steps", f"{start_step} -> {cfg.train.steps}"),
             (f"loss, first {n} steps (mean)", f"{window_mean(losses, True, n):.4f}"),
             (f"loss, last {n} steps (mean)", f"{window_mean(losses, False, n):.4f}"),
@@ -204,12 +209,13 @@ def _agree(value: object) -> object:
 
 
 def _save(cfg: Config, run_dir: Path, step: int, model: HyperloopModel, optimizer: MegatronOptimizer,
-          scheduler: OptimizerParamScheduler, info: RankInfo, windows_per_step: int) -> None:
+          scheduler: OptimizerParamScheduler, info: RankInfo, data: Batches) -> None:
     if info.is_main:
         tmp = staging_dir(run_dir, step)
         (tmp / "dist").mkdir()
     tmp = _agree(tmp if info.is_main else None)
-    training_state.write(tmp, cfg, step, model, optimizer, scheduler, windows_per_step)
+    training_state.write(tmp, cfg, step, model, optimizer, scheduler, data.windows_per_step, info.dp_rank,
+                         data.state_dict())
     dist.barrier()
     if info.is_main:
         print(f"saved checkpoint {publish(tmp, cfg.train.keep_last)}", flush=True)

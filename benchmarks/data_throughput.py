@@ -1,0 +1,82 @@
+"""Tokens/s of the data pipeline on the real corpus: per worker, with 2 workers, and pre-tokenized.
+
+Converts the Shakespeare corpus (``hyperloop data prepare`` obtains it) into paragraph-sized documents as
+jsonl and parquet shards, then times the streaming pipeline reading, tokenizing and packing them: one slot
+in-process ("per worker"), and a rank with 2 DataLoader worker processes. The pre-tokenized path draws
+windows from the tokenized corpus (``data.loader=windows``). Target: >= 250k tokens/s per worker.
+
+    python benchmarks/data_throughput.py [--seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hyperloop_dist.config import Config, load_config
+from hyperloop_dist.data.batches import WindowBatches, train_sources
+from hyperloop_dist.data.stream import SlotStream, StreamLoader, resolve_source
+from hyperloop_dist.data.token_windows import prepare_corpus
+
+SEQ, MBS = 1024, 8
+
+
+def write_shards(cfg: Config, out: Path) -> tuple[int, int]:
+    docs = []
+    for f in train_sources(cfg)[0].files:
+        docs += [p for p in Path(f).read_text(errors="replace").split("\n\n") if p.strip()]
+    (out / "jsonl").mkdir()
+    (out / "parquet").mkdir()
+    shards = 4
+    for i in range(shards):
+        part = docs[i::shards]
+        (out / "jsonl" / f"{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+        pq.write_table(pa.table({"text": part}), out / "parquet" / f"{i}.parquet")
+    return len(docs), sum(len(d) for d in docs)
+
+
+def timed(next_batch: Callable[[], int], seconds: float) -> float:
+    next_batch()  # warm-up: workers start, first shard opens
+    tokens, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        tokens += next_batch()
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args()
+    cfg = load_config(None, [f"model.seq_length={SEQ}"])
+    prepare_corpus(cfg, log=lambda *_: None)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        n_docs, n_chars = write_shards(cfg, Path(tmp))
+        print(f"corpus: {n_docs:,} paragraph documents, {n_chars / 1e6:.1f} MB, 4 shards per format")
+        for fmt in ("jsonl", "parquet"):
+            source = resolve_source(str(Path(tmp) / fmt))
+            stream = SlotStream([source], cfg.data.tokenizer, slot=0, slots=1, seq_len=SEQ, seed=0)
+            per_worker = timed(lambda s=stream: sum(len(s.next_window()) for _ in range(MBS)), args.seconds)
+            loader = StreamLoader([source], cfg.data.tokenizer, SEQ, MBS, 0, 1, workers=2, seed=0)
+            two = timed(lambda ld=loader: next(ld)[0].numel() + MBS, args.seconds)
+            rows.append((f"stream {fmt}", f"{per_worker / 1e3:,.0f}k", f"{two / 1e3:,.0f}k"))
+    windows = WindowBatches(load_config(None, [f"model.seq_length={SEQ}", "data.loader=windows",
+                                               f"train.micro_batch_size={MBS}"]), 0, 1)
+    step = iter(range(10**9))
+    pre = timed(lambda: windows.next(next(step), 0)[0].numel() + MBS, args.seconds)
+    rows.append(("pre-tokenized windows", f"{pre / 1e3:,.0f}k", "(no workers)"))
+    header = ("path", "tokens/s, 1 worker", "tokens/s, 2 workers")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Where the trainer's micro-batches come from: the streaming pipeline or random pre-tokenized windows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from hyperloop_dist.config import Config
+from hyperloop_dist.data.corpus import corpus_files
+from hyperloop_dist.data.stream import DataStats, Source, StreamLoader, _SourceReader, resolve_source
+from hyperloop_dist.data.token_windows import WindowSampler, load_tokens, split_files
+
+
+class Batches(Protocol):
+    windows_per_step: int
+
+    def next(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any] | None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+
+def train_sources(cfg: Config) -> list[Source]:
+    """The training mixture: the corpus's training works, or the configured sources."""
+    d = cfg.data
+    if d.corpus == "sources":
+        return [resolve_source(s.path, s.format, s.text_field, s.weight) for s in d.sources]
+    train, _ = split_files(corpus_files(d.dir), d.heldout_fraction)
+    return [Source(name=d.dir, files=tuple(str(f) for f in train), fmt="text")]
+
+
+def tokenizer_sample(cfg: Config, max_bytes: int, progress: bool = True) -> Iterator[str]:
+    """Documents for tokenizer training, round-robin over the training sources, up to ``max_bytes``."""
+    from tqdm import tqdm
+
+    readers = [_SourceReader(s, 0, 1, DataStats()) for s in train_sources(cfg)]
+    done = 0
+    with tqdm(total=max_bytes, unit="B", unit_scale=True, desc="tokenizer sample", disable=not progress) as bar:
+        while done < max_bytes and readers:
+            for reader in list(readers):
+                if reader.position[0] > 0:  # one pass over a source is enough
+                    readers.remove(reader)
+                    continue
+                text = reader.next_document()
+                done += len(text)
+                bar.update(len(text))
+                yield text
+
+
+class StreamBatches:
+    """Micro-batches from the streaming pipeline, in order; resumable through ``state_dict``."""
+
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, state: dict[str, Any] | None) -> None:
+        t = cfg.train
+        self.windows_per_step = t.micro_batch_size * t.grad_accum * dp_size
+        self.loader = StreamLoader(train_sources(cfg), cfg.data.tokenizer, cfg.model.seq_length,
+                                   t.micro_batch_size, dp_rank, dp_size, cfg.data.workers, t.seed, state)
+
+    def next(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self.loader)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def stats(self) -> dict[str, int]:
+        return self.loader.stats()
+
+
+class WindowBatches:
+    """Seeded random windows of the pre-tokenized training split, indexed by step (stateless)."""
+
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int) -> None:
+        t = cfg.train
+        self.dp_rank = dp_rank
+        self.sampler = WindowSampler(load_tokens(Path(cfg.data.dir) / "tokens", "train"), cfg.model.seq_length,
+                                     t.micro_batch_size, t.grad_accum, dp_size, t.seed)
+        self.windows_per_step = self.sampler.windows_per_step
+
+    def next(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sampler.batch(step, micro, self.dp_rank)
+
+    def state_dict(self) -> None:
+        return None
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+def make_batches(cfg: Config, dp_rank: int, dp_size: int, state: dict[str, Any] | None = None) -> Batches:
+    if cfg.data.loader == "stream":
+        return StreamBatches(cfg, dp_rank, dp_size, state)
+    return WindowBatches(cfg, dp_rank, dp_size)
