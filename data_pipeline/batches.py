@@ -71,13 +71,19 @@ class StreamBatches:
 
 
 class WindowBatches:
-    """Seeded random windows of the pre-tokenized training split, indexed by step (stateless)."""
+    """Seeded random windows of a pre-tokenized token stream, indexed by step (stateless): the tokenized
+    training split of data.dir, or a Megatron indexed dataset (``data.pretokenized``)."""
 
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int) -> None:
         t = cfg.train
         self.dp_rank = dp_rank
-        self.sampler = WindowSampler(load_tokens(Path(cfg.data.dir) / "tokens", "train"), cfg.model.seq_length,
-                                     t.micro_batch_size, t.grad_accum, dp_size, t.seed)
+        if cfg.data.pretokenized:
+            from hyperloop_dist.data.pretokenize import load_pretokenized
+
+            tokens = load_pretokenized(cfg.data.pretokenized)
+        else:
+            tokens = load_tokens(Path(cfg.data.dir) / "tokens", "train")
+        self.sampler = WindowSampler(tokens, cfg.model.seq_length, t.micro_batch_size, t.grad_accum, dp_size, t.seed)
         self.windows_per_step = self.sampler.windows_per_step
 
     def next(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ import sentencepiece as spm
 import torch
 
 from hyperloop_dist.config import Config
-from hyperloop_dist.data.corpus import corpus_files, document_group, obtain_shakespeare
+from hyperloop_dist.data.corpus import corpus_files, document_group, obtain_english, obtain_shakespeare
 from hyperloop_dist.data.tokenizer import EOS_ID, load_tokenizer, train_tokenizer
 
 TOKENIZER_SAMPLE_BYTES = 32 * 1024 * 1024
@@ -41,7 +41,7 @@ def split_files(files: list[Path], heldout_fraction: float) -> tuple[list[Path],
     # spelling of its name: hold out only works whose versions are all known to be in the group.
     candidates = [g for g, n in members.items() if n > 1] or list(members)
     candidates.sort(key=lambda g: hashlib.sha1(g.encode()).hexdigest())
-    n_heldout = min(len(candidates), max(1, round(heldout_fraction * len(members))))
+    n_heldout = max(1, round(heldout_fraction * len(candidates)))
     heldout_groups = set(candidates[:n_heldout])
     train = [f for f in files if document_group(f) not in heldout_groups]
     heldout = [f for f in files if document_group(f) in heldout_groups]
@@ -67,6 +67,8 @@ def prepare_corpus(cfg: Config, log: Callable[[str], object] = print) -> Path:
     d = cfg.data
     if d.corpus == "shakespeare":
         obtain_shakespeare(d.dir)
+    elif d.corpus == "english":
+        obtain_english(d.dir, log=log)
     train_sources(cfg)  # a missing or unreadable source stops here, before any training
     tok_path = Path(d.tokenizer)
     if not tok_path.is_file():
@@ -79,19 +81,18 @@ def prepare_corpus(cfg: Config, log: Callable[[str], object] = print) -> Path:
     tokens_dir = Path(d.dir) / "tokens"
     meta_path = tokens_dir / "meta.json"
     tok_hash = _sha256(tok_path)
-    key = {"tokenizer_sha256": tok_hash, "heldout_fraction": d.heldout_fraction,
-           "files": [f.name for f in files]}
+    train_files, heldout_files = split_files(files, d.heldout_fraction)
+    key = {"tokenizer_sha256": tok_hash, "files": [f.name for f in files],
+           "heldout_files": [f.name for f in heldout_files]}
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if {k: meta.get(k) for k in key} == key:
             return tokens_dir
     tokens_dir.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(np.uint16 if sp.vocab_size() <= 65536 else np.uint32)
-    train_files, heldout_files = split_files(files, d.heldout_fraction)
     n_train = _write_tokens(sp, train_files, tokens_dir / "train.bin", dtype)
     n_heldout = _write_tokens(sp, heldout_files, tokens_dir / "heldout.bin", dtype)
-    meta = {**key, "dtype": dtype.name, "train_tokens": n_train, "heldout_tokens": n_heldout,
-            "heldout_files": [f.name for f in heldout_files]}
+    meta = {**key, "dtype": dtype.name, "train_tokens": n_train, "heldout_tokens": n_heldout}
     meta_path.write_text(json.dumps(meta, indent=1))
     log(f"tokenized {len(train_files)} train files ({n_train:,} tokens) and "
         f"{len(heldout_files)} held-out files ({n_heldout:,} tokens) into {tokens_dir}")

@@ -48,15 +48,26 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from hyperloop_dist.data.batches import tokenizer_sample
-    from hyperloop_dist.data.corpus import obtain_shakespeare
+    from hyperloop_dist.data.corpus import obtain_english, obtain_shakespeare
     from hyperloop_dist.data.tokenizer import load_tokenizer, train_tokenizer
 
     cfg = _load(args.config)
-    if cfg.data.corpus == "shakespeare":
-        obtain_shakespeare(cfg.data.dir)
+    if cfg.data.corpus in ("shakespeare", "english"):
+        (obtain_shakespeare if cfg.data.corpus == "shakespeare" else obtain_english)(cfg.data.dir)
     out = train_tokenizer(tokenizer_sample(cfg, int(args.sample_mb * 1e6)), cfg.model.vocab_size, cfg.data.tokenizer)
     sp = load_tokenizer(out, cfg.model.vocab_size)
     print(f"tokenizer written to {out}: {sp.vocab_size()} pieces (BPE, byte fallback, pad/unk/bos/eos = 0/1/2/3)")
+    return 0
+
+
+def cmd_pretokenize(args: argparse.Namespace) -> int:
+    from hyperloop_dist.data.pretokenize import pretokenize
+    from hyperloop_dist.data.token_windows import prepare_corpus
+
+    cfg = _load(args.config)
+    prepare_corpus(cfg)  # sources checked, tokenizer trained if missing
+    pretokenize(cfg, args.out)
+    print(f"train with: data.loader=windows data.pretokenized={args.out}")
     return 0
 
 
@@ -105,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
     p.add_argument("--sample-mb", type=float, default=32.0, help="megabytes of text to train on (default 32)")
     p.set_defaults(func=cmd_train_tokenizer)
+
+    p = data.add_parser("pretokenize", help="write the training sources as a Megatron indexed dataset (.bin/.idx)")
+    p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
+    p.add_argument("--out", required=True, help="path prefix of the .bin/.idx pair")
+    p.set_defaults(func=cmd_pretokenize)
 
     p = sub.add_parser("export", help="consolidate a checkpoint into a release")
     p.add_argument("--release", action="store_true", help="one safetensors file + config.json + tokenizer")

@@ -113,13 +113,14 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = "shakespeare"  # shakespeare (obtained on first use), dir (*.txt in data.dir), sources
-    dir: str = "data/shakespeare"  # text files (*.txt) of the corpus
-    tokenizer: str = "data/shakespeare/tokenizer.model"
+    corpus: str = "english"  # english | shakespeare (obtained on first use), dir (*.txt in data.dir), sources
+    dir: str = "data/english"  # text files (*.txt) of the corpus
+    tokenizer: str = "data/english/tokenizer.model"
     heldout_fraction: float = 0.02
     sources: list[SourceConfig] = field(default_factory=list)  # corpus=sources: the training mixture
     loader: str = "stream"  # stream: the streaming pipeline; windows: random windows of pre-tokenized files
     workers: int = 1  # loader worker processes per rank (0 = tokenize in the training process)
+    pretokenized: str | None = None  # Megatron .bin/.idx prefix (`hyperloop data pretokenize`) for loader=windows
 
 
 @dataclass
@@ -358,12 +359,13 @@ def validate(cfg: Config) -> None:
         _require(0 <= value < 1, f"optim.{name}={value}: must be in [0, 1)")
     _positive("optim.grad_clip", o.grad_clip, zero_ok=True)
 
-    _one_of("data.corpus", d.corpus, ("shakespeare", "dir", "sources"))
+    _one_of("data.corpus", d.corpus, ("english", "shakespeare", "dir", "sources"))
     _one_of("data.loader", d.loader, ("stream", "windows"))
     _positive("data.workers", d.workers, zero_ok=True)
     _require(d.corpus != "sources" or d.sources, "data.sources: data.corpus=sources needs at least one source")
-    _require(d.corpus != "sources" or d.loader == "stream",
-             "data.loader='windows' reads a tokenized data.dir; use data.loader=stream with data.corpus=sources")
+    _require(d.corpus != "sources" or d.loader == "stream" or d.pretokenized,
+             "data.loader='windows' with data.corpus=sources reads data.pretokenized (write it with "
+             "`hyperloop data pretokenize`); set it, or use data.loader=stream")
     for i, src in enumerate(d.sources):
         _require(src.path != "", f"data.sources[{i}].path: must name a file, directory or glob")
         _one_of(f"data.sources[{i}].format", src.format, ("auto", "jsonl", "parquet", "text"))

@@ -190,3 +190,24 @@ def test_mixture_sources_train_a_tokenizer_from_the_cli(tmp_path: Path) -> None:
     missing = subprocess.run([*cli, "prepare", "data.corpus=sources", f"data.sources=[{{path: {tmp_path / 'x'}}}]"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_pretokenized_megatron_dataset_round_trips(tiny_data: list[str], tmp_path: Path) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from hyperloop_dist.data.batches import WindowBatches, train_sources
+    from hyperloop_dist.data.pretokenize import load_pretokenized, pretokenize
+
+    cfg = load_config(None, [*tiny_data, f"data.pretokenized={tmp_path / 'train'}", "data.loader=windows",
+                             "train.micro_batch_size=2"])
+    counts = pretokenize(cfg, tmp_path / "train", log=lambda *_: None)
+    sp = load_tokenizer(cfg.data.tokenizer)
+    files = train_sources(cfg)[0].files
+    expected = [sp.encode(Path(f).read_text()) + [EOS_ID] for f in files]
+    dataset = IndexedDataset(str(tmp_path / "train"))  # Megatron's own reader
+    assert len(dataset) == counts["documents"] == len(files)
+    assert all(dataset[i].tolist() == doc for i, doc in enumerate(expected))
+    stream = load_pretokenized(tmp_path / "train")
+    assert stream.tolist() == [t for doc in expected for t in doc]
+    tokens, labels = WindowBatches(cfg, 0, 1).next(0, 0)  # the training loader reads it
+    assert tokens.shape == (2, cfg.model.seq_length) and np.array_equal(tokens[:, 1:], labels[:, :-1])
