@@ -177,6 +177,7 @@ class _SourceReader:
         self.files = source.files[slot::slots] if self.by_file else source.files
         self.position = tuple(position)  # (epoch, file index, record index in file): the next to read
         self._iter: Iterator[tuple[tuple[int, int, int], str]] | None = None
+        self._offsets: dict[int, int] = {}  # records before each file (document-level dealing)
 
     def _records(self) -> Iterator[tuple[tuple[int, int, int], str]]:
         epoch, file_pos, record_pos = self.position
@@ -210,14 +211,9 @@ class _SourceReader:
             self.position = (epoch, 0, 0)
 
     def _record_offset(self, file_index: int) -> int:
-        # records in the files before this one, for document-level dealing (cached per file)
-        cache = self.__dict__.setdefault("_offsets", {})
-        if file_index not in cache:
-            total = 0
-            for f in range(file_index):
-                total += sum(1 for _ in _read_shard(self.source, self.files[f]))
-            cache[file_index] = total
-        return cache[file_index]
+        if file_index not in self._offsets:
+            self._offsets[file_index] = sum(1 for f in range(file_index) for _ in _read_shard(self.source, self.files[f]))
+        return self._offsets[file_index]
 
     def next_document(self) -> str:
         if self._iter is None:
