@@ -86,6 +86,8 @@ class ParallelConfig:
     pp: int = 1
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (ZeRO-1)
     overlap_grad_reduce: bool = False  # start DP gradient reduction per bucket during the backward pass
+    fsdp_shard: str = "full"  # engine fsdp: full (over all ranks) or hybrid (within a node, replicated across)
+    fsdp_reshard_middle: bool = False  # engine fsdp: free the looped middle block's weights between loops
     backend: str = "auto"  # auto = nccl with CUDA, gloo without
     timeout_s: int = 600
 
@@ -324,7 +326,14 @@ def validate(cfg: Config) -> None:
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.init_std", m.init_std)
 
-    _one_of("parallel.engine", p.engine, ("megatron",))
+    _one_of("parallel.engine", p.engine, ("megatron", "fsdp"))
+    _one_of("parallel.fsdp_shard", p.fsdp_shard, ("full", "hybrid"))
+    if p.engine == "fsdp":
+        _require(p.tp == 1 and p.pp == 1, f"parallel.engine='fsdp' with tp={p.tp}, pp={p.pp}: the fsdp engine "
+                                          "shards data-parallel only; use parallel.engine=megatron for TP/PP")
+        _require(not p.distributed_optimizer and not p.overlap_grad_reduce,
+                 "parallel.distributed_optimizer / parallel.overlap_grad_reduce are Megatron-engine settings; "
+                 "FSDP shards optimizer state and overlaps reduce-scatter by itself")
     _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
     for name in ("nproc_per_node", "nnodes", "tp", "pp", "timeout_s"):
         _positive(f"parallel.{name}", getattr(p, name))

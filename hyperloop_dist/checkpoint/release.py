@@ -62,9 +62,15 @@ def load_megatron_weights(checkpoint: Path) -> tuple[ModelConfig, dict[str, torc
 
     cfg = load_config(checkpoint / "config.yaml")
     model = build_model(cfg.model)
-    with cpu_shim.device_mode():
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint / "dist"))
-    model.load_state_dict(state["model"])
+    if (checkpoint / "dcp").is_dir():  # engine fsdp: torch DCP keeps the model's own parameter names
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}}
+        dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
+    else:
+        with cpu_shim.device_mode():
+            state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint / "dist"))
+    model.load_state_dict(state["model"], strict=False)
     return cfg.model, model_tensors(model)
 
 

@@ -1,7 +1,8 @@
 """What a training checkpoint holds and how every rank writes and restores its part.
 
 ``dist/``: model and optimizer as ``megatron.core.dist_checkpointing`` (torch_dist) shards, so a
-checkpoint saved under one TP / DP layout loads under another. ``rng/rank_XXXXX.pt``: each rank's CPU RNG
+checkpoint saved under one TP / PP / DP layout loads under another (engine megatron); ``dcp/``: the same as
+torch Distributed Checkpoint shards (engine fsdp; loads under any number of ranks). ``rng/rank_XXXXX.pt``: each rank's CPU RNG
 and Megatron RNG-tracker states (restored when the layout is unchanged). ``meta.json``: format version,
 step, optimizer step, LR-scheduler state, the layout and the model config. ``data/dp_XXXXX.json``: the
 streaming pipeline's position of each data-parallel replica. ``config.yaml`` and
@@ -42,7 +43,9 @@ def layout(cfg: Config, windows_per_step: int) -> dict[str, int]:
             "windows_per_step": windows_per_step}
 
 
-def torch_optimizers(optimizer: MegatronOptimizer) -> list[torch.optim.Optimizer]:
+def torch_optimizers(optimizer: MegatronOptimizer | torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
     chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
     return [opt.optimizer for opt in chained if getattr(opt, "optimizer", None) is not None]
 
@@ -81,6 +84,13 @@ def _sharded_state(model: HyperloopModel, optimizer: MegatronOptimizer, loading:
             "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=OPTIMIZER_METADATA)}
 
 
+def _fsdp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
 def _rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
 
@@ -95,8 +105,13 @@ def write(directory: Path, cfg: Config, step: int, model: HyperloopModel, optimi
 
     from hyperloop_dist.parallel import cpu_shim
 
-    with cpu_shim.device_mode():
-        dist_checkpointing.save(_sharded_state(model, optimizer, loading=False), str(directory / "dist"))
+    if cfg.parallel.engine == "fsdp":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_fsdp_state(model, optimizer), checkpoint_id=str(directory / "dcp"))
+    else:
+        with cpu_shim.device_mode():
+            dist_checkpointing.save(_sharded_state(model, optimizer, loading=False), str(directory / "dist"))
     rank = dist.get_rank()
     if data_state is not None and _first_in_data_replica():
         (directory / "data").mkdir(exist_ok=True)
@@ -159,12 +174,26 @@ def load(path: Path, cfg: Config, model: HyperloopModel, optimizer: MegatronOpti
 
     meta = read_meta(path)
     check_compatible(meta, cfg, path, windows_per_step)
-    prepare_adam_state_for_loading(optimizer)
-    with cpu_shim.device_mode():
-        state = dist_checkpointing.load(_sharded_state(model, optimizer, loading=True), str(path / "dist"))
-        model.load_state_dict(state["model"])
-        with torch.no_grad():  # fp32: main params are views of the leaf params
-            optimizer.load_state_dict(state["optimizer"])
+    if cfg.parallel.engine == "fsdp":
+        if not (path / "dcp").is_dir():
+            raise CheckpointError(f"{path} was written by the megatron engine; resume it with "
+                                  "parallel.engine=megatron (or export a release and start from its weights)")
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        prepare_adam_state_for_loading(optimizer)
+        state = _fsdp_state(model, optimizer)
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        if not (path / "dist").is_dir():
+            raise CheckpointError(f"{path} was written by the fsdp engine; resume it with parallel.engine=fsdp")
+        prepare_adam_state_for_loading(optimizer)
+        with cpu_shim.device_mode():
+            state = dist_checkpointing.load(_sharded_state(model, optimizer, loading=True), str(path / "dist"))
+            model.load_state_dict(state["model"])
+            with torch.no_grad():  # fp32: main params are views of the leaf params
+                optimizer.load_state_dict(state["optimizer"])
     # The distributed optimizer's 'dp_reshardable' format does not carry Adam's step (the plain
     # optimizer's does, as 'common_step'); every parameter shares one step, so set it from meta.
     restore_adam_step(optimizer, meta["optimizer_step"])

@@ -132,8 +132,14 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
         dump_config(cfg, run_dir / "config.yaml")
         prepare_corpus(cfg, log=say)  # a no-op when `hyperloop train` prepared it before launching
     dist.barrier()
-    ddp, optimizer, scheduler = build_training(cfg)
-    model = unwrap(ddp)
+    if cfg.parallel.engine == "fsdp":
+        from hyperloop_dist.parallel.fsdp import build_fsdp_training
+
+        ddp = model = None
+        model, optimizer, scheduler = build_fsdp_training(cfg)
+    else:
+        ddp, optimizer, scheduler = build_training(cfg)
+        model = unwrap(ddp)
     windows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * info.dp_size
     start_step, data_state = 0, None
     resume_from = _agree(find_resumable(run_dir, log=say) if info.is_main else None)
@@ -156,7 +162,13 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     step = start_step
     try:
         for step in range(start_step, cfg.train.steps):
-            loss, grad_norm = train_step(cfg, ddp, optimizer, data, step, info, pipeline)
+            if ddp is None:
+                from hyperloop_dist.parallel.fsdp import fsdp_step
+
+                loss, grad_norm = fsdp_step(cfg, model, optimizer,
+                                            [data.next(step, m) for m in range(cfg.train.grad_accum)])
+            else:
+                loss, grad_norm = train_step(cfg, ddp, optimizer, data, step, info, pipeline)
             scheduler.step(increment=1)
             losses.append(loss)
             tokens_seen += tokens_per_step
@@ -212,7 +224,8 @@ def _save(cfg: Config, run_dir: Path, step: int, model: HyperloopModel, optimize
           scheduler: OptimizerParamScheduler, info: RankInfo, data: Batches) -> None:
     if info.is_main:
         tmp = staging_dir(run_dir, step)
-        (tmp / "dist").mkdir()
+        if cfg.parallel.engine == "megatron":
+            (tmp / "dist").mkdir()  # dist_checkpointing writes into an existing directory
     tmp = _agree(tmp if info.is_main else None)
     training_state.write(tmp, cfg, step, model, optimizer, scheduler, data.windows_per_step, info.dp_rank,
                          data.state_dict())

@@ -1,0 +1,89 @@
+"""Engine ``fsdp``: torch FSDP2 ``fully_shard`` around the same model, with DCP checkpoints.
+
+Begin and end layers are sharded one layer each. The looped middle block is sharded as one unit, called L
+times per forward. With ``parallel.fsdp_reshard_middle=false`` (the default) it keeps its gathered weights
+between those calls instead of all-gathering them again every loop. Full shard shards over every rank;
+hybrid shards within a node and replicates across nodes. Parameters are fp32, or bf16 compute with fp32
+gradient reduction on GPU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from hyperloop_dist.config import Config
+from hyperloop_dist.model.hyperloop import HyperloopModel, build_model
+from hyperloop_dist.parallel import cpu_shim
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+
+def device_mesh(cfg: Config):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    kind = "cuda" if cpu_shim.cuda_available() else "cpu"
+    if cfg.parallel.fsdp_shard == "hybrid":
+        return init_device_mesh(kind, (cfg.parallel.nnodes, cfg.parallel.nproc_per_node),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(kind, (cfg.world_size,), mesh_dim_names=("shard",))
+
+
+def shard_model(model: HyperloopModel, cfg: Config) -> HyperloopModel:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = device_mesh(cfg)
+    bf16 = cfg.train.precision == "bf16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for block in (model.begin, model.end):
+        for layer in (block.layers if block is not None else []):
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model.middle, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.parallel.fsdp_reshard_middle)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def build_fsdp_training(cfg: Config) -> tuple[HyperloopModel, torch.optim.Optimizer, OptimizerParamScheduler]:
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    model = build_model(cfg.model, seed=cfg.train.seed, recompute=cfg.train.recompute == "loop")
+    if cpu_shim.cuda_available():
+        model.cuda()
+    shard_model(model, cfg)
+    o = cfg.optim
+    # As Megatron's optimizer: no weight decay on norms, biases and other vectors.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}],
+        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(cfg.train.steps, o.warmup_steps + 1), lr_decay_style=o.schedule,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.train.steps, wd_incr_style="constant",
+    )
+    return model, optimizer, scheduler
+
+
+def fsdp_step(cfg: Config, model: HyperloopModel, optimizer: torch.optim.Optimizer,
+              batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """One optimizer step; returns (loss averaged over ranks, gradient norm before clipping)."""
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros(())
+    device = cpu_shim.device()
+    for micro, (tokens, labels) in enumerate(batches):
+        model.set_requires_gradient_sync(micro == len(batches) - 1)  # reduce-scatter once, after the last
+        loss = model(tokens.to(device), labels=labels.to(device)).mean() / len(batches)
+        loss.backward()
+        total += loss.detach().float().cpu()
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.step()
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size(), float(grad_norm)
