@@ -135,7 +135,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     if cfg.parallel.engine == "fsdp":
         from hyperloop_dist.parallel.fsdp import build_fsdp_training
 
-        ddp = model = None
+        ddp = None  # FSDP2 shards the model in place: no wrapper
         model, optimizer, scheduler = build_fsdp_training(cfg)
     else:
         ddp, optimizer, scheduler = build_training(cfg)
