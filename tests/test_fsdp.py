@@ -21,12 +21,23 @@ SINGLE = ["parallel.nproc_per_node=1", "train.grad_accum=2"]
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("fsdp")
     out = {"single": root / "single", "fsdp": root / "fsdp"}
-    train([*tiny_data, *COMMON, *SINGLE], out["single"])
-    train([*tiny_data, *COMMON, *FSDP2], out["fsdp"])
+    out["single_log"] = train([*tiny_data, *COMMON, *SINGLE], out["single"]).stdout
+    out["fsdp_log"] = train([*tiny_data, *COMMON, *FSDP2], out["fsdp"]).stdout
     return out
+
+
+def _state_mib(log: str) -> float:
+    line = next(line for line in log.splitlines() if line.startswith("params + optimizer state, rank 0"))
+    return float(line.split("|")[1].split()[0])
+
+
+def test_fsdp_holds_about_half_the_state_per_rank_on_two_ranks(runs: dict) -> None:
+    """Parameters + Adam moments: a full copy on the single process, a shard (~1/2) per FSDP rank."""
+    ratio = _state_mib(runs["fsdp_log"]) / _state_mib(runs["single_log"])
+    assert 0.45 <= ratio <= 0.6, ratio
 
 
 def test_fsdp_matches_single_process(runs: dict) -> None:

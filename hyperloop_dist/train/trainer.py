@@ -205,12 +205,28 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
             (f"loss, first {n} steps (mean)", f"{window_mean(losses, True, n):.4f}"),
             (f"loss, last {n} steps (mean)", f"{window_mean(losses, False, n):.4f}"),
             ("tokens/s", f"{tps:,.0f}"),
+            ("params + optimizer state, rank 0", f"{state_bytes(model, optimizer) / 2**20:.2f} MiB"),
             ("wall time", f"{elapsed:.1f} s"),
             ("run dir", str(run_dir)),
         ])
     else:
         say(f"nothing to do: {run_dir} already holds a checkpoint at step {start_step} >= train.steps")
     return TrainResult(final_step=cfg.train.steps, losses=losses, tokens_per_s=tps)
+
+
+def state_bytes(model: torch.nn.Module, optimizer: object) -> int:
+    """Bytes of parameters and optimizer state this rank holds (its shards, for sharded engines)."""
+    from hyperloop_dist.checkpoint.training_state import torch_optimizers
+
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    total = sum(local(p) for p in model.parameters())
+    for opt in torch_optimizers(optimizer):
+        total += sum(local(v) for state in opt.state.values() for v in state.values()
+                     if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return total
 
 
 def _agree(value: object) -> object:
