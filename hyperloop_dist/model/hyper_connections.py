@@ -87,13 +87,18 @@ class HyperConnection(nn.Module):
 
     def gates(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``H_pre [.., n]``, ``H_post [.., n]``, ``H_res [.., n, n]`` for residual state ``[.., n, d]``."""
-        n = self.streams
-        z = self.norm(streams.flatten(-2))
-        raw_pre, raw_post, raw_res = self.proj(z).split((n, n, n * n), dim=-1)
-        h_pre = torch.sigmoid(self.alpha[0] * raw_pre + self.bias_pre)
-        h_post = 2.0 * torch.sigmoid(self.alpha[1] * raw_post + self.bias_post)
-        res_logits = self.alpha[2] * raw_res.unflatten(-1, (n, n)) + self.bias_res
-        return h_pre, h_post, sinkhorn(res_logits, self.sinkhorn_iters)
+        # The gates are computed in fp32 whatever the activation dtype: 20 Sinkhorn iterations in bf16 leave
+        # row / column sums off by ~1e-2, and the gates are tiny next to the block's matmuls.
+        n, dtype = self.streams, streams.dtype
+        z = self.norm(streams.flatten(-2).float())
+        raw = nn.functional.linear(z, self.proj.weight.float())
+        raw_pre, raw_post, raw_res = raw.split((n, n, n * n), dim=-1)
+        alpha = self.alpha.float()
+        h_pre = torch.sigmoid(alpha[0] * raw_pre + self.bias_pre.float())
+        h_post = 2.0 * torch.sigmoid(alpha[1] * raw_post + self.bias_post.float())
+        res_logits = alpha[2] * raw_res.unflatten(-1, (n, n)) + self.bias_res.float()
+        h_res = sinkhorn(res_logits, self.sinkhorn_iters)
+        return h_pre.to(dtype), h_post.to(dtype), h_res.to(dtype)
 
     def read(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The block input ``x = H_pre . S`` and the gates the write-back will need."""
@@ -141,7 +146,7 @@ def loop_boundary(kind: str, loop: int, passes: int, carry: Carry, y: torch.Tens
     pass: the collapsed output that goes to the end block). The single-process forward (:func:`run_body`)
     and the circular pipeline (``parallel/pipeline.py``) both run exactly this.
     """
-    bias = None if loop == 0 or loop_embedding is None else loop_embedding[loop - 1]
+    bias = None if loop == 0 or loop_embedding is None else loop_embedding[loop - 1].to(y.dtype)
     if kind != "hyperloop":
         return None, y if bias is None else y + bias
     if loop == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, precision: str = "fp32",
 
 def layer_spec() -> tuple[ModuleSpec, type]:
     """(layer spec, norm class): Transformer Engine's when it imports on a GPU, else Megatron's local one."""
-    if cpu_shim.cuda_available():
+    # Megatron's TE extension module imports without TE installed (its names are then undefined): ask for TE.
+    if cpu_shim.cuda_available() and importlib.util.find_spec("transformer_engine") is not None:
         try:
             from megatron.core.extensions.transformer_engine import TENorm
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec

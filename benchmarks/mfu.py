@@ -1,0 +1,111 @@
+"""Training-step throughput and model FLOPs utilisation (MFU) of one device, for a recipe and its baselines.
+
+Runs our real training step (Megatron DDP + optimizer, `hyperloop_dist.train.trainer.train_step`) on
+synthetic tokens, so the figure is the model's and the step's, not the data pipeline's. FLOPs per token come
+from `hyperloop params` (6·N_matmul plus attention, loop repeats counted). Peak is the dense bf16 figure of
+the device (H100 SXM 989, H200 989 TFLOP/s) unless ``--peak-tflops`` says otherwise; on CPU MFU is not
+printed.
+
+    python benchmarks/mfu.py                                   # tiny-cpu on CPU, fp32
+    python benchmarks/mfu.py recipes/hyperloop-1.1b.yaml --device cuda --kinds hyperloop transformer
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+class SyntheticBatches:
+    """Random tokens in the shape the trainer asks for (the same every step: throughput only)."""
+
+    def __init__(self, micro_batch: int, seq: int, vocab: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(4, vocab, (micro_batch, seq + 1), generator=g)
+        self.batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+
+    def next(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch
+
+
+def measure(recipe: str | None, overrides: list[str], steps: int, warmup: int) -> dict[str, float]:
+    from hyperloop_dist.config import load_config
+    from hyperloop_dist.model.params import report
+    from hyperloop_dist.parallel import cpu_shim
+    from hyperloop_dist.parallel.distributed import init_distributed, shutdown_distributed
+    from hyperloop_dist.train.trainer import build_training, train_step
+
+    cfg = load_config(recipe, ["parallel.nproc_per_node=1", "parallel.nnodes=1", "parallel.tp=1", "parallel.pp=1",
+                               *overrides])
+    info = init_distributed(cfg)
+    ddp = optimizer = None
+    try:
+        ddp, optimizer, _ = build_training(cfg)
+        data = SyntheticBatches(cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size)
+        sync = torch.cuda.synchronize if cpu_shim.cuda_available() else (lambda: None)
+        if cpu_shim.cuda_available():
+            torch.cuda.reset_peak_memory_stats()
+        for step in range(warmup):
+            train_step(cfg, ddp, optimizer, data, step, info)
+        sync()
+        t0 = time.perf_counter()
+        for step in range(steps):
+            loss, _ = train_step(cfg, ddp, optimizer, data, step, info)
+        sync()
+        dt = (time.perf_counter() - t0) / steps
+        tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_length
+        rep = report(cfg.model)
+        peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cpu_shim.cuda_available() else float("nan")
+        return {"params": rep.total, "step_s": dt, "tokens_per_s": tokens / dt,
+                "tflops": rep.train_flops_per_token * tokens / dt / 1e12, "peak_gib": peak_mem, "loss": loss}
+    finally:
+        del ddp, optimizer
+        shutdown_distributed()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe", nargs="?", default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--kinds", nargs="+", default=["hyperloop", "looped", "transformer"])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("overrides", nargs="*", default=[], help="section.field=value overrides for every kind")
+    args = ap.parse_intermixed_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA: the CPU path throughout
+    elif not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    peak = args.peak_tflops
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    if peak is None and args.device == "cuda":
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    precision = ["train.precision=bf16"] if args.device == "cuda" else []
+    rows = []
+    for i, kind in enumerate(args.kinds):
+        os.environ["MASTER_PORT"] = str(29611 + i)
+        r = measure(args.recipe, [*precision, *args.overrides, f"model.kind={kind}", "logging.wandb_mode=disabled"],
+                    args.steps, args.warmup)
+        rows.append((kind, r))
+        print(f"[{kind}] {r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s", flush=True)
+    base = rows[0][1]["step_s"]
+    print(f"\nrecipe {args.recipe or 'tiny-cpu'} on {device_name}; {args.steps} timed steps after {args.warmup} warm-up")
+    header = f"{'kind':<12}{'params':>10}{'ms/step':>10}{'tok/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}" \
+             f"{'step vs ' + rows[0][0]:>20}"
+    print(header)
+    print("-" * len(header))
+    for kind, r in rows:
+        mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "-"
+        print(f"{kind:<12}{r['params'] / 1e6:>9.1f}M{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
+              f"{r['tflops']:>10.2f}{mfu:>8}{r['peak_gib']:>10.1f}{r['step_s'] / base:>19.2f}x")
+
+
+if __name__ == "__main__":
+    main()
