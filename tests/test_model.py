@@ -148,8 +148,36 @@ def test_bf16_model_runs_and_tracks_fp32(kind: str) -> None:
     perturb_identity_params(fp32)
     bf16 = build_model(cfg, precision="bf16")
     bf16.load_state_dict(fp32.state_dict(), strict=False)
-    x = tokens(cfg)
+    x = tokens(cfg).to(next(bf16.parameters()).device)  # Megatron builds on the GPU when there is one
     loss = bf16(x, labels=x).mean()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in bf16.parameters() if p.requires_grad)
     torch.testing.assert_close(loss, fp32(x, labels=x).mean(), rtol=2e-2, atol=0)
+
+
+def test_bf16_optimizer_checkpoint_state_maps_to_every_parameter() -> None:
+    """Megatron's mixed-precision optimizer pairs its fp32 master copies with the model's parameters by
+    position among the half-precision ones: a parameter left in fp32 (HC, loop embedding) shifted that pairing
+    and broke the first bf16 checkpoint (seen on an H100)."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from hyperloop_dist.model.hyperloop import build_model
+    from hyperloop_dist.parallel import cpu_shim
+
+    model = build_model(SMALL, precision="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with cpu_shim.device_mode():
+        ddp = DistributedDataParallel(config=model.config, ddp_config=DistributedDataParallelConfig(), module=model)
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=True,
+                                                     params_dtype=torch.bfloat16), [ddp])
+    x = tokens(SMALL).to(next(model.parameters()).device)
+    ddp(x, labels=x).mean().backward()
+    with cpu_shim.device_mode():
+        finalize_model_grads([ddp])
+        assert opt.step()[0]
+        opt.sharded_state_dict(model.sharded_state_dict())  # raised "Optimizer shape (3,) ... (4,)"

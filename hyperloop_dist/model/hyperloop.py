@@ -194,8 +194,11 @@ class HyperloopModel(MegatronModule):
                     cfg.hidden_size, cfg.vocab_size, config=config, init_method=config.init_method, bias=False,
                     gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
                 )
+        # Every parameter in the training dtype (HC, loop embedding too): Megatron's mixed-precision optimizer
+        # maps its fp32 master copies to model parameters assuming all of them are half precision.
         if config.params_dtype != torch.float32:
-            self.hc.to(config.params_dtype)
+            for p in self.parameters():
+                p.data = p.data.to(config.params_dtype)
 
     def blocks(self) -> list[TransformerBlock]:
         return [b for b in (self.begin, self.middle, self.end) if b is not None]
