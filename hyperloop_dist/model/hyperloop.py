@@ -260,8 +260,11 @@ class HyperloopModel(MegatronModule):
             return self.head(x, labels)
         return self.finish(x, labels)
 
+
 def build_model(cfg: ModelConfig, tp: int = 1, stage: Stage = Stage(), precision: str = "fp32",
                 recompute: bool = False, seed: int = 1234) -> HyperloopModel:
     """Build the Megatron model (this rank's stage of it) once ``parallel_state`` is initialized."""
     config = transformer_config(cfg, tp=tp, precision=precision)
-    return HyperloopModel(dataclasses.replace(cfg), config, stage, recompute, seed)
+    model = HyperloopModel(dataclasses.replace(cfg), config, stage, recompute, seed)
+    # Megatron creates its layers on the GPU when there is one; our own parameters (HC, loop embedding) follow.
+    return model.cuda() if cpu_shim.cuda_available() else model

@@ -51,8 +51,6 @@ def build_fsdp_training(cfg: Config) -> tuple[HyperloopModel, torch.optim.Optimi
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     model = build_model(cfg.model, seed=cfg.train.seed, recompute=cfg.train.recompute == "loop")
-    if cpu_shim.cuda_available():
-        model.cuda()
     shard_model(model, cfg)
     o = cfg.optim
     # As Megatron's optimizer: no weight decay on norms, biases and other vectors.
