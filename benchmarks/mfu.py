@@ -55,7 +55,7 @@ def measure(recipe: str | None, overrides: list[str], steps: int, warmup: int) -
         sync()
         t0 = time.perf_counter()
         for step in range(steps):
-            loss, _ = train_step(cfg, ddp, optimizer, data, step, info)
+            loss, _, _ = train_step(cfg, ddp, optimizer, data, step, info)
         sync()
         dt = (time.perf_counter() - t0) / steps
         tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_length

@@ -26,6 +26,8 @@ def _load(items: list[str]) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     from hyperloop_dist.data.token_windows import prepare_corpus
     from hyperloop_dist.parallel.launch import inside_launcher, launch
     from hyperloop_dist.train.trainer import run_training
@@ -33,7 +35,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if not inside_launcher():
         prepare_corpus(cfg)
-    launch(cfg, run_training, cfg)
+    try:
+        launch(cfg, run_training, cfg)
+    except ChildFailedError as exc:  # the ranks' tracebacks are above; end with the one line that matters
+        rank, failure = exc.get_first_failure()
+        reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
+        print(f"hyperloop: training failed (first failure: rank {rank}, exit code {failure.exitcode}): "
+              f"{reason.strip().splitlines()[0] if reason.strip() else 'see the log above'}", file=sys.stderr)
+        return 1
     return 0
 
 

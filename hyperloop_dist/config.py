@@ -138,6 +138,7 @@ class TrainConfig:
     keep_last: int = 2
     threads_per_rank: int = 1
     recompute: str = "none"  # "loop": keep activations per loop pass only (memory flat in model.loops)
+    max_bad_steps: int = 3  # a non-finite loss skips the update; this many in a row stop the run (checkpointed)
 
 
 @dataclass
@@ -381,7 +382,8 @@ def validate(cfg: Config) -> None:
         _positive(f"data.sources[{i}].weight", src.weight)
     _require(0 < d.heldout_fraction < 0.5, f"data.heldout_fraction={d.heldout_fraction}: must be in (0, 0.5)")
 
-    for name in ("steps", "micro_batch_size", "grad_accum", "log_interval", "keep_last", "threads_per_rank"):
+    for name in ("steps", "micro_batch_size", "grad_accum", "log_interval", "keep_last", "threads_per_rank",
+                 "max_bad_steps"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.save_interval", t.save_interval, zero_ok=True)
     _one_of("train.precision", t.precision, ("fp32", "bf16"))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from hyperloop_dist.checkpoint.safe_pickle import check_dcp_metadata
 from hyperloop_dist.checkpoint.store import CheckpointError, resolve_checkpoint
 from hyperloop_dist.config import HCConfig, ModelConfig, load_config
 from hyperloop_dist.model.reference import ReferenceModel, from_megatron_state_dict
@@ -65,9 +66,11 @@ def load_megatron_weights(checkpoint: Path) -> tuple[ModelConfig, dict[str, torc
     if (checkpoint / "dcp").is_dir():  # engine fsdp: torch DCP keeps the model's own parameter names
         import torch.distributed.checkpoint as dcp
 
+        check_dcp_metadata(checkpoint / "dcp")
         state = {"model": {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}}
         dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
     else:
+        check_dcp_metadata(checkpoint / "dist")
         with cpu_shim.device_mode():
             state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint / "dist"))
     model.load_state_dict(state["model"], strict=False)

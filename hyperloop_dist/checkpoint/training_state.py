@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from hyperloop_dist.checkpoint.safe_pickle import check_dcp_metadata
 from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import Config, dump_config
 
@@ -181,6 +182,7 @@ def load(path: Path, cfg: Config, model: HyperloopModel, optimizer: MegatronOpti
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        check_dcp_metadata(path / "dcp")
         prepare_adam_state_for_loading(optimizer)
         state = _fsdp_state(model, optimizer)
         dcp.load(state, checkpoint_id=str(path / "dcp"))
@@ -188,6 +190,7 @@ def load(path: Path, cfg: Config, model: HyperloopModel, optimizer: MegatronOpti
     else:
         if not (path / "dist").is_dir():
             raise CheckpointError(f"{path} was written by the fsdp engine; resume it with parallel.engine=fsdp")
+        check_dcp_metadata(path / "dist")
         prepare_adam_state_for_loading(optimizer)
         with cpu_shim.device_mode():
             state = dist_checkpointing.load(_sharded_state(model, optimizer, loading=True), str(path / "dist"))

@@ -56,8 +56,10 @@ class MetricsLogger:
         step = record["step"]
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(step, 1) * (self.total_steps - step)
-        line = (f"step {step:>6}/{self.total_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s'] / 1e3:.1f}k tok/s | "
+        loss, gnorm = record["loss"], record["grad_norm"]  # None: a skipped (non-finite) step
+        line = (f"step {step:>6}/{self.total_steps} | loss {'skipped' if loss is None else f'{loss:.4f}'} | "
+                f"lr {record['lr']:.2e} | gnorm {'-' if gnorm is None else f'{gnorm:.3f}'} | "
+                f"{record['tokens_per_s'] / 1e3:.1f}k tok/s | "
                 f"elapsed {_fmt_duration(elapsed)} | eta {_fmt_duration(eta)}")
         print(line, file=sys.stdout, flush=True)
 

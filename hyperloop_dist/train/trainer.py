@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from hyperloop_dist.checkpoint import training_state
 from hyperloop_dist.checkpoint.store import find_resumable, publish, staging_dir
@@ -22,6 +23,7 @@ from hyperloop_dist.parallel import cpu_shim
 from hyperloop_dist.parallel.distributed import RankInfo, init_distributed, shutdown_distributed
 from hyperloop_dist.parallel.pipeline import CircularPipeline
 from hyperloop_dist.train.metrics import MetricsLogger, window_mean
+from hyperloop_dist.train.nonfinite import BadStepTracker, TrainingDiverged, all_finite, poison
 
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
@@ -78,13 +80,18 @@ def unwrap(ddp: DistributedDataParallel) -> HyperloopModel:
 
 
 def train_step(cfg: Config, ddp: DistributedDataParallel, optimizer: MegatronOptimizer, data: Batches,
-               step: int, info: RankInfo, pipeline: CircularPipeline | None = None) -> tuple[float, float]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns (DP-mean loss, grad norm)."""
+               step: int, info: RankInfo, pipeline: CircularPipeline | None = None) -> tuple[float, float, list[int]]:
+    """One optimizer step over ``grad_accum`` micro-batches.
+
+    Returns (DP-mean loss, grad norm, this rank's non-finite micro-batches). A non-finite loss on any rank
+    skips the update on every rank and returns NaN for both figures.
+    """
     from megatron.core.distributed import finalize_model_grads
 
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     batches = [data.next(step, micro) for micro in range(cfg.train.grad_accum)]
+    bad_micro: list[int] = []
     if pipeline is not None:
         total = torch.tensor(pipeline.step(batches))
     else:
@@ -96,15 +103,20 @@ def train_step(cfg: Config, ddp: DistributedDataParallel, optimizer: MegatronOpt
             last = micro == len(batches) - 1
             with contextlib.nullcontext() if last else ddp.no_sync():
                 loss = ddp(tokens.to(device), labels=labels.to(device)).mean() / cfg.train.grad_accum
+                loss = poison(loss, step, micro)
                 loss.backward()
+            if not torch.isfinite(loss.detach()):
+                bad_micro.append(micro)
             total += loss.detach().float().cpu()
     with cpu_shim.device_mode():
         finalize_model_grads([ddp])
+        if not all_finite(total):
+            return math.nan, math.nan, bad_micro
         _, grad_norm, _ = optimizer.step()
     if info.dp_size > 1:
         dist.all_reduce(total, group=_dp_group())
         total /= info.dp_size
-    return float(total), float(grad_norm if grad_norm is not None else math.nan)
+    return float(total), float(grad_norm if grad_norm is not None else math.nan), bad_micro
 
 
 def _dp_group() -> dist.ProcessGroup:
@@ -113,6 +125,7 @@ def _dp_group() -> dist.ProcessGroup:
     return parallel_state.get_data_parallel_group()
 
 
+@record  # the launcher then reports each failed rank's exception, not only its exit code
 def run_training(cfg: Config) -> TrainResult:
     """Entry point of every rank (called by the launcher)."""
     info = init_distributed(cfg)
@@ -156,6 +169,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     logger = MetricsLogger(cfg, run_dir, info.is_main, cfg.train.steps)
     tokens_per_step = windows_per_step * cfg.model.seq_length
     losses: list[float] = []
+    tracker = BadStepTracker(cfg.train.max_bad_steps)
     tick, t_start, tokens_seen = time.perf_counter(), time.perf_counter(), 0
     step = start_step
     try:
@@ -163,19 +177,30 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
             if ddp is None:
                 from hyperloop_dist.parallel.fsdp import fsdp_step
 
-                loss, grad_norm = fsdp_step(cfg, model, optimizer,
-                                            [data.next(step, m) for m in range(cfg.train.grad_accum)])
+                loss, grad_norm, bad_micro = fsdp_step(cfg, model, optimizer,
+                                                       [data.next(step, m) for m in range(cfg.train.grad_accum)], step)
             else:
-                loss, grad_norm = train_step(cfg, ddp, optimizer, data, step, info, pipeline)
-            scheduler.step(increment=1)
-            losses.append(loss)
+                loss, grad_norm, bad_micro = train_step(cfg, ddp, optimizer, data, step, info, pipeline)
+            scheduler.step(increment=1)  # a skipped step still consumed its data and its place in the schedule
             tokens_seen += tokens_per_step
             done = step + 1
+            if tracker.record(done, loss, grad_norm, bad_micro):
+                say(tracker.diagnostic())
+                _save(cfg, run_dir, done, model, optimizer, scheduler, info, data)
+                raise TrainingDiverged(f"stopped at step {done}: {tracker.in_a_row} non-finite steps in a row "
+                                       f"(diagnostic above; last good state saved)")
+            if not math.isfinite(loss):
+                say(f"step {done}: non-finite loss, update skipped ({tracker.in_a_row}/{cfg.train.max_bad_steps} "
+                    "in a row)")
+            else:
+                losses.append(loss)
             if done % cfg.train.log_interval == 0 or done == cfg.train.steps:
                 now = time.perf_counter()
                 steps_in_window = (done - start_step) % cfg.train.log_interval or cfg.train.log_interval
-                record = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                          "grad_norm": grad_norm,
+                record = {"step": done, "loss": loss if math.isfinite(loss) else None,
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                          "skipped_steps": tracker.skipped,
                           "tokens_per_s": steps_in_window * tokens_per_step / max(now - tick, 1e-9),
                           "tokens": done * tokens_per_step,
                           **{f"data/{k}": v for k, v in data.stats().items()}}
@@ -203,6 +228,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
             (f"loss, first {n} steps (mean)", f"{window_mean(losses, True, n):.4f}"),
             (f"loss, last {n} steps (mean)", f"{window_mean(losses, False, n):.4f}"),
             ("tokens/s", f"{tps:,.0f}"),
+            *([("skipped steps (non-finite loss)", str(tracker.skipped))] if tracker.skipped else []),
             ("params + optimizer state, rank 0", f"{state_bytes(model, optimizer) / 2**20:.2f} MiB"),
             ("wall time", f"{elapsed:.1f} s"),
             ("run dir", str(run_dir)),

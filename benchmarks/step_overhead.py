@@ -1,0 +1,113 @@
+"""Our training step vs a bare PyTorch loop of the same math, single process and DP=2 (target <= 1.10x).
+
+Ours: the Megatron model, Megatron DDP and Megatron's Adam (`hyperloop_dist.train.trainer.train_step`).
+Bare: the plain-PyTorch twin (`model/reference.py`) with torch DDP (DP=2), `torch.optim.AdamW` and
+gradient clipping: what a user would write by hand. Same config, batch and step count, measured side by
+side in one run; the ratio is ours / bare. Processes talk over gloo on the CPU (CUDA with ``--device cuda``).
+
+    python benchmarks/step_overhead.py
+    python benchmarks/step_overhead.py --kinds hyperloop --steps 30 model.hidden_size=256
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from mfu import SyntheticBatches  # benchmarks/ is on sys.path when this script runs
+
+
+def _bare(cfg, data: SyntheticBatches, steps: int, warmup: int) -> float:
+    from hyperloop_dist.model.reference import ReferenceModel
+
+    model = ReferenceModel(cfg.model)
+    if dist.get_world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    o = cfg.optim
+    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            weight_decay=o.weight_decay)
+    tokens, labels = data.batch
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        logits = model(tokens)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+def _ours(cfg, data: SyntheticBatches, steps: int, warmup: int) -> float:
+    from hyperloop_dist.parallel.distributed import RankInfo
+    from hyperloop_dist.train.trainer import build_training, train_step
+
+    ddp, optimizer, _ = build_training(cfg)
+    info = RankInfo(dist.get_rank(), dist.get_world_size(), 0, dist.get_rank(), dist.get_world_size())
+    for s in range(warmup):
+        train_step(cfg, ddp, optimizer, data, s, info)
+    t0 = time.perf_counter()
+    for s in range(steps):
+        train_step(cfg, ddp, optimizer, data, s, info)
+    return (time.perf_counter() - t0) / steps
+
+
+def _worker(rank: int, world: int, port: int, kind: str, overrides: list[str], steps: int, warmup: int,
+            out: dict) -> None:
+    from megatron.core import parallel_state
+
+    from hyperloop_dist.config import load_config
+    from hyperloop_dist.parallel import cpu_shim
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, [f"model.kind={kind}", f"parallel.nproc_per_node={world}", *overrides])
+    cpu_shim.enable()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    parallel_state.initialize_model_parallel(1, 1)
+    cpu_shim.seed_model_parallel(cfg.train.seed)
+    data = SyntheticBatches(cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size)
+    times = {}
+    for name, fn in (("bare", _bare), ("ours", _ours), ("bare2", _bare), ("ours2", _ours)):  # interleaved
+        dist.barrier()
+        times[name] = fn(cfg, data, steps, warmup)
+    if rank == 0:
+        out[(kind, world)] = (min(times["bare"], times["bare2"]), min(times["ours"], times["ours2"]))
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", nargs="+", default=["transformer", "hyperloop"])
+    ap.add_argument("--worlds", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("overrides", nargs="*", default=[])
+    args = ap.parse_intermixed_args()
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    out = mp.Manager().dict()
+    port = 29700
+    for kind in args.kinds:
+        for world in args.worlds:
+            port += 1
+            mp.spawn(_worker, args=(world, port, kind, args.overrides, args.steps, args.warmup, out), nprocs=world)
+            bare, ours = out[(kind, world)]
+            print(f"[{kind} dp={world}] bare {bare * 1e3:.1f} ms/step, ours {ours * 1e3:.1f} ms/step", flush=True)
+    print(f"\n{'kind':<12}{'DP':>4}{'bare ms/step':>14}{'ours ms/step':>14}{'ours/bare':>11}  target <= 1.10x")
+    for kind in args.kinds:
+        for world in args.worlds:
+            bare, ours = out[(kind, world)]
+            print(f"{kind:<12}{world:>4}{bare * 1e3:>14.1f}{ours * 1e3:>14.1f}{ours / bare:>10.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Non-finite losses: skip the update, count it, and stop with a diagnostic after too many in a row.
+
+Every rank takes the same decision (a flag all-reduced over the world), so a NaN on one pipeline stage or
+data-parallel rank skips the optimizer step everywhere. ``HYPERLOOP_INJECT_NAN_STEPS=5,6@1`` poisons the first
+micro-batch's loss of those (1-based) steps, on every rank or on the rank after ``@``: the fault-injection
+hook the tests use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised on every rank after ``train.max_bad_steps`` consecutive non-finite steps."""
+
+
+def _injected() -> frozenset[tuple[int, int | None]]:
+    entries = (e.strip() for e in os.environ.get("HYPERLOOP_INJECT_NAN_STEPS", "").split(","))
+    return frozenset((int(e.partition("@")[0]), int(e.partition("@")[2]) if "@" in e else None) for e in entries if e)
+
+
+def poison(loss: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+    """``loss`` times NaN on an injected step's first micro-batch (``step`` is 0-based here)."""
+    if micro != 0 or not os.environ.get("HYPERLOOP_INJECT_NAN_STEPS"):
+        return loss
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    hit = any(s == step + 1 and r in (None, rank) for s, r in _injected())
+    return loss * float("nan") if hit else loss
+
+
+def all_finite(local: torch.Tensor | float) -> bool:
+    """True on every rank iff ``local`` is finite on every rank."""
+    bad = torch.tensor([0.0 if math.isfinite(float(local)) else 1.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0.0
+
+
+@dataclass
+class BadStepTracker:
+    limit: int
+    skipped: int = 0
+    in_a_row: int = 0
+    recent_good: deque = field(default_factory=lambda: deque(maxlen=5))
+    bad: list[tuple[int, list[int]]] = field(default_factory=list)
+
+    def record(self, step: int, loss: float, grad_norm: float, bad_micro: list[int]) -> bool:
+        """Account for 1-based ``step``; True when the run must stop."""
+        if math.isfinite(loss):
+            self.in_a_row = 0
+            self.recent_good.append((step, loss, grad_norm))
+            return False
+        self.skipped += 1
+        self.in_a_row += 1
+        self.bad.append((step, bad_micro))
+        return self.in_a_row >= self.limit
+
+    def diagnostic(self) -> str:
+        recent = self.bad[-self.in_a_row:]
+        lines = [f"{self.in_a_row} consecutive steps with a non-finite loss (train.max_bad_steps={self.limit}); "
+                 "their updates were skipped, the model is the last good state"]
+        for step, micro in recent:
+            where = f"micro-batch(es) {micro} on rank 0" if micro else "another rank / pipeline stage"
+            lines.append(f"  step {step}: non-finite loss in {where}")
+        if self.recent_good:
+            lines.append("  last good steps (step, loss, grad norm): "
+                         + ", ".join(f"({s}, {loss:.4f}, {g:.3f})" for s, loss, g in self.recent_good))
+        lines.append("  look for a too-high optim.lr, bad data at those steps, or bf16 overflow; resuming "
+                     "continues after the bad batches")
+        return "\n".join(lines)
