@@ -39,19 +39,10 @@ def task_manager(tasks: list[str], task_dir: str | Path | None):
 
 def load_tasks(tasks: list[str], manager: Any) -> list[Any]:
     """Task objects, one name at a time, so that a dataset that cannot be fetched is named."""
-    from lm_eval.api.task import Task
-    from lm_eval.tasks import get_task_dict
-
-    def leaves(tree: dict) -> list[Task]:
-        out = []
-        for value in tree.values():
-            out.extend(leaves(value) if isinstance(value, dict) else [value] if isinstance(value, Task) else [])
-        return out
-
     loaded = []
     for name in tasks:
         try:
-            loaded.extend(leaves(get_task_dict([name], manager)))
+            loaded.extend(manager.load([name])["tasks"].values())
         except (ConnectionError, OSError) as exc:
             offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
             raise EvalError(
@@ -69,8 +60,11 @@ def run_tasks(lm: Any, tasks: list[str], task_dir: str | Path | None, limit: int
     from lm_eval import simple_evaluate
 
     _quiet_lm_eval()
-    objects = load_tasks(tasks, task_manager(tasks, task_dir))
-    results = simple_evaluate(model=lm, tasks=objects, limit=limit, log_samples=False, bootstrap_iters=0,
+    manager = task_manager(tasks, task_dir)
+    objects = load_tasks(tasks, manager)
+    # simple_evaluate indexes lm-eval's built-in tasks itself (seconds) unless handed a TaskManager
+    results = simple_evaluate(model=lm, tasks=objects, task_manager=manager, limit=limit, log_samples=False,
+                              bootstrap_iters=0,
                               random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     if results is None:
         return None
