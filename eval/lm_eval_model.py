@@ -46,12 +46,14 @@ class HyperloopLM(TemplateLM):
     @classmethod
     def from_logits(cls, logits_fn: LogitsFn, tokenizer: object, max_length: int, *, batch_size: int = 16,
                     rank: int = 0, world_size: int = 1, group: dist.ProcessGroup | None = None,
-                    max_gen_toks: int = 32) -> HyperloopLM:
-        """Wrap a live model; ``rank``/``world_size``/``group`` are its data-parallel coordinates."""
+                    device: torch.device | None = None, max_gen_toks: int = 32) -> HyperloopLM:
+        """Wrap a live model; ``rank``/``world_size``/``group`` are its data-parallel coordinates and
+        ``device`` where collectives put their tensors (the GPU under NCCL)."""
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
         lm._setup(logits_fn, tokenizer, max_length, batch_size, max_gen_toks)
         lm._rank, lm._world_size, lm._group = rank, world_size, group
+        lm._device = device or torch.device("cpu")
         return lm
 
     def _setup(self, logits_fn: LogitsFn, tokenizer: object, max_length: int, batch_size: int | str | None,
@@ -103,7 +105,7 @@ class HyperloopLM(TemplateLM):
         """The largest ``n`` over the data-parallel ranks (forward calls must match for collective engines)."""
         if self.world_size == 1:
             return n
-        t = torch.tensor([n], dtype=torch.int64)
+        t = torch.tensor([n], dtype=torch.int64, device=self._device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
         return int(t.item())
 

@@ -125,7 +125,7 @@ class PeriodicEval:
 
         lm = HyperloopLM.from_logits(logits, load_tokenizer(self.cfg.data.tokenizer), self.cfg.model.seq_length,
                                      batch_size=self.cfg.eval.batch_size, rank=self.dp_rank,
-                                     world_size=self.dp_size, group=self.group)
+                                     world_size=self.dp_size, group=self.group, device=self.device)
         table = run_tasks(lm, self.tasks, task_dir, self.cfg.eval.task_limit) or {}
         return {f"eval/{task}/{metric}": value for task, metrics in table.items() for metric, value in metrics.items()}
 
