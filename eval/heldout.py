@@ -100,8 +100,10 @@ def heldout_nll(token_nll: TokenNll, windows: torch.Tensor, batch_size: int, dp_
             sums = (nll.sum(-1) * weight).sum(-1)
             total = sums if total is None else total + sums
     assert total is not None
-    if dp_size > 1:
+    if dp_size > 1:  # on the model's device: NCCL reduces GPU tensors only
+        total = total.to(device or "cpu")
         dist.all_reduce(total, group=group)
+        total = total.cpu()
     return total, len(windows) * (windows.shape[1] - 1)
 
 

@@ -61,7 +61,13 @@ def evaluate_checkpoint(path: str | Path, config_args: list[str] | None = None, 
     loaded = load_for_eval(path)
     cfg = eval_config(path, config_args or [], loaded)
     m = loaded.cfg
-    data = heldout_windows(cfg, windows or cfg.eval.windows, tokenizer=loaded.tokenizer_path)
+    from hyperloop_dist.data.corpus import CorpusError
+
+    try:
+        data = heldout_windows(cfg, windows or cfg.eval.windows, tokenizer=loaded.tokenizer_path)
+    except CorpusError as exc:
+        raise EvalError(f"no held-out text: {exc}; name the data after the checkpoint, e.g. "
+                        f"`hyperloop eval {path} data.corpus=dir data.dir=DIR`") from None
     total, count = heldout_nll(reference_token_nll(loaded.model), data, batch_size)
     result = OfflineResult(loaded.source, float(total.sum()) / count, count, m.loops)
     if m.kind in LOOPED_KINDS and hasattr(loaded.model, "middle"):
