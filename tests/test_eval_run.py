@@ -28,7 +28,8 @@ def run(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict:
     from hyperloop_dist.checkpoint.release import export_release
 
     root = tmp_path_factory.mktemp("eval_run")
-    log = train([*tiny_data, f"train.steps={STEPS}", f"eval.interval={EVERY}", "eval.windows=16"], root / "run")
+    log = train([*tiny_data, f"train.steps={STEPS}", f"eval.interval={EVERY}", "eval.windows=16",
+                 "eval.tasks=[hyperloop_next_line]", "eval.task_limit=4"], root / "run")
     release = export_release(root / "run", root / "release")
     return {"root": root, "run": root / "run", "log": log.stdout, "release": release, "data": tiny_data}
 
@@ -41,6 +42,7 @@ def test_training_logs_eval_at_its_interval_and_at_the_end(run: dict) -> None:
         curve = [r[f"eval/loop_{k}/loss"] for k in (1, 2)]  # tiny_data: 2 loops
         assert curve[-1] == pytest.approx(r["eval/loss"], rel=1e-9)
         assert r["eval/tokens"] == 16 * 32
+        assert r["eval/hyperloop_next_line/acc"] in (0, 0.25, 0.5, 0.75, 1)  # lm-eval over the 2 DP ranks
     assert run["log"].count("eval  step") == 3  # progress lines, rank 0 only
     assert f"held-out loss, step {STEPS}" in run["log"] and "held-out loss after loop 1..L" in run["log"]
 
@@ -51,7 +53,7 @@ def test_hyperloop_eval_and_lm_eval_cli_agree_on_a_release(run: dict, tmp_path: 
     task_dir = tmp_path / "tasks"
     result = evaluate_checkpoint(run["release"], run["data"], windows=16, loops=[1, 2, 3], tasks=TASKS,
                                  limit=LIMIT, task_dir=task_dir)
-    final = json.loads((run["run"] / "metrics.jsonl").read_text().splitlines()[-1])
+    final = [json.loads(line) for line in (run["run"] / "metrics.jsonl").read_text().splitlines()][-1]
     assert result.heldout_loss == pytest.approx(final["eval/loss"], rel=1e-6)  # the run's own last eval
     assert list(result.loss_by_loops) == [1, 2, 3]
     assert result.loss_by_loops[2] == pytest.approx(result.heldout_loss, rel=1e-9)
