@@ -9,8 +9,10 @@ instead of a stack trace.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,25 @@ def load_tasks(tasks: list[str], manager: Any) -> list[Any]:
     return loaded
 
 
+@contextlib.contextmanager
+def _global_rng_kept() -> Iterator[None]:
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def run_tasks(lm: Any, tasks: list[str], task_dir: str | Path | None, limit: int | None = None
               ) -> dict[str, dict[str, float]] | None:
     """Scores ``{task: {metric: value}}`` on the evaluator's rank 0 (``None`` on the other ranks)."""
@@ -62,10 +83,12 @@ def run_tasks(lm: Any, tasks: list[str], task_dir: str | Path | None, limit: int
     _quiet_lm_eval()
     manager = task_manager(tasks, task_dir)
     objects = load_tasks(tasks, manager)
-    # simple_evaluate indexes lm-eval's built-in tasks itself (seconds) unless handed a TaskManager
-    results = simple_evaluate(model=lm, tasks=objects, task_manager=manager, limit=limit, log_samples=False,
-                              bootstrap_iters=0,
-                              random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    # simple_evaluate reseeds the global RNGs: keep a training run's streams as they were
+    with _global_rng_kept():
+        # it also indexes lm-eval's built-in tasks itself (seconds) unless handed a TaskManager
+        results = simple_evaluate(model=lm, tasks=objects, task_manager=manager, limit=limit, log_samples=False,
+                                  bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                  fewshot_random_seed=0)
     if results is None:
         return None
     return scores(results)
