@@ -106,6 +106,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hyperloop_dist.evaluation.offline import evaluate_checkpoint, summary, write_results
+
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    result = evaluate_checkpoint(args.checkpoint, args.config, windows=args.windows, loops=args.loops, tasks=tasks,
+                                 limit=args.limit, task_dir=args.task_dir, batch_size=args.batch_size)
+    print(summary(result))
+    if args.out:
+        write_results(result, args.out)
+        print(f"results written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperloop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the release directory to create (must not exist or be empty)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("eval", help="held-out loss, per-loop curve, loss vs loops and lm-eval tasks of a checkpoint")
+    p.add_argument("checkpoint", help="a release (hyperloop export --release), a run directory or a checkpoint")
+    p.add_argument("config", nargs="*", metavar="ARG",
+                   help="[RECIPE.yaml] [section.field=value ...] for the held-out data (default: the run's recipe)")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks: local (hyperloop_heldout_ppl, hyperloop_next_line, "
+                                   "hyperloop_last_word, hyperloop_continue) or lm-eval's own (e.g. hellaswag)")
+    p.add_argument("--loops", type=int, nargs="+", metavar="K", help="looped kinds: held-out loss after K loops")
+    p.add_argument("--windows", type=int, help="held-out windows (default eval.windows)")
+    p.add_argument("--limit", type=int, help="documents per lm-eval task")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--task-dir", help="where to write the local tasks (lm_eval --include_path reads it)")
+    p.add_argument("--out", help="write the results as JSON")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("params", help="parameter / FLOP table of a recipe and its baselines")
     p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
     p.set_defaults(func=cmd_params)
@@ -150,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"hyperloop: config error: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, FileExistsError, DataError, ValueError) as exc:
+    except (CheckpointError, FileExistsError, DataError, ValueError, FileNotFoundError) as exc:
         print(f"hyperloop: {exc}", file=sys.stderr)
         return 2
 

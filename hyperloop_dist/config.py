@@ -142,6 +142,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    interval: int = 100  # steps between held-out evaluations during training (also at the end); 0 = off
+    windows: int = 64  # held-out windows of seq_length tokens per evaluation, split over data-parallel ranks
+    batch_size: int = 8  # windows per forward pass
+    per_loop: bool = True  # looped kinds: also the held-out loss read out after every loop (logit lens)
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks run at each evaluation (docs/eval.md)
+    task_limit: int | None = None  # documents per lm-eval task (None = all)
+    heldout_sources: list[SourceConfig] = field(default_factory=list)  # data.corpus=sources: held-out text
+
+
+@dataclass
 class LoggingConfig:
     wandb_project: str | None = None  # None = offline run under run_dir/wandb
     wandb_mode: str = "offline"
@@ -156,6 +167,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def world_size(self) -> int:
@@ -222,7 +234,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             if not isinstance(value, list):
                 raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
             (item,) = typing.get_args(annotation)
-            kwargs[key] = [_build(item, v, f"{path}[{i}].") for i, v in enumerate(value)]
+            if dataclasses.is_dataclass(item):
+                kwargs[key] = [_build(item, v, f"{path}[{i}].") for i, v in enumerate(value)]
+            else:
+                kwargs[key] = [_check_type(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
         else:
             kwargs[key] = _check_type(path, value, annotation)
     return cls(**kwargs)
@@ -390,3 +405,17 @@ def validate(cfg: Config) -> None:
     _one_of("train.recompute", t.recompute, ("none", "loop"))
     _require(t.run_dir != "", "train.run_dir: must name a directory")
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: Config) -> None:
+    e = cfg.eval
+    _positive("eval.interval", e.interval, zero_ok=True)
+    for name in ("windows", "batch_size"):
+        _positive(f"eval.{name}", getattr(e, name))
+    if e.task_limit is not None:
+        _positive("eval.task_limit", e.task_limit)
+    for i, src in enumerate(e.heldout_sources):
+        _require(src.path != "", f"eval.heldout_sources[{i}].path: must name a file, directory or glob")
+        _one_of(f"eval.heldout_sources[{i}].format", src.format, ("auto", "jsonl", "parquet", "text"))
+

@@ -177,6 +177,40 @@ class CircularPipeline:
         self.stats.total_s = time.perf_counter() - start
         return float(mean)
 
+    def token_nll(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward only, one micro-batch: per-token loss ``[b, s]`` on every stage (for evaluation).
+
+        The same route as :meth:`step` (ring once per pass, loop boundary on the first stage, loss on the
+        last), one micro-batch at a time with blocking sends; the last stage broadcasts the loss.
+        """
+        device = self._device()
+        shape = (tokens.shape[1], tokens.shape[0], self.model.cfg.hidden_size)
+
+        def recv(src: int) -> torch.Tensor:
+            buf = torch.empty(shape, dtype=self.dtype, device=device)
+            dist.recv(buf, src)
+            return buf
+
+        with torch.no_grad():
+            y, carry = (self.model.embed(tokens.to(device)) if self.first else None), None
+            for loop in range(self.passes + 1):
+                if self.first:
+                    carry, x = self.model.boundary(loop, carry, y)
+                if loop == self.passes:
+                    break
+                x = x if self.first else recv(self.prev_rank)
+                dist.send(self.model.run_middle(x).contiguous(), self._forward_target())
+                if self.first:
+                    y = recv(self.last_rank)
+            if self.first:
+                dist.send(x.contiguous(), self.last_rank)
+            if self.last:
+                loss = self.model.finish(recv(self.first_rank), labels.to(device)).float()
+            else:
+                loss = torch.empty(labels.shape, dtype=torch.float32, device=device)
+        dist.broadcast(loss, self.last_rank, group=self.group)
+        return loss
+
     def _forward_target(self) -> int:
         # The last slice hands its output back to the first stage: the loop boundary.
         return self.first_rank if self.last else self.next_rank

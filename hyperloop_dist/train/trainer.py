@@ -26,9 +26,13 @@ from hyperloop_dist.train.metrics import MetricsLogger, window_mean
 from hyperloop_dist.train.nonfinite import BadStepTracker, TrainingDiverged, all_finite, poison
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import MegatronOptimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from hyperloop_dist.evaluation.periodic import PeriodicEval
 
 
 @dataclass
@@ -167,6 +171,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
 
     pipeline = CircularPipeline(model, cfg.train.micro_batch_size) if cfg.parallel.pp > 1 else None
     logger = MetricsLogger(cfg, run_dir, info.is_main, cfg.train.steps)
+    evaluator = _evaluator(cfg, model, pipeline, info, say)
     tokens_per_step = windows_per_step * cfg.model.seq_length
     losses: list[float] = []
     tracker = BadStepTracker(cfg.train.max_bad_steps)
@@ -207,6 +212,11 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
                 tick = now
                 logger.log(record)
                 logger.progress(record)
+            if evaluator.due(done):
+                record = evaluator.run(done)
+                if record:
+                    logger.log(record)
+                    say(evaluator.progress_line(record))
             if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
                 _save(cfg, run_dir, done, model, optimizer, scheduler, info, data)
         final = cfg.train.steps
@@ -229,6 +239,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
             (f"loss, last {n} steps (mean)", f"{window_mean(losses, False, n):.4f}"),
             ("tokens/s", f"{tps:,.0f}"),
             *([("skipped steps (non-finite loss)", str(tracker.skipped))] if tracker.skipped else []),
+            *evaluator.summary_rows(),
             ("params + optimizer state, rank 0", f"{state_bytes(model, optimizer) / 2**20:.2f} MiB"),
             ("wall time", f"{elapsed:.1f} s"),
             ("run dir", str(run_dir)),
@@ -236,6 +247,19 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     else:
         say(f"nothing to do: {run_dir} already holds a checkpoint at step {start_step} >= train.steps")
     return TrainResult(final_step=cfg.train.steps, losses=losses, tokens_per_s=tps)
+
+
+def _evaluator(cfg: Config, model: torch.nn.Module, pipeline: CircularPipeline | None, info: RankInfo,
+               say: Callable[..., object]) -> PeriodicEval:
+    """The eval hook gets the model and a forward callable (tokens, labels) -> per-token loss, no engine."""
+    from megatron.core import parallel_state
+
+    from hyperloop_dist.evaluation.periodic import PeriodicEval
+
+    forward = pipeline.token_nll if pipeline is not None else (lambda tokens, labels: model(tokens, labels=labels))
+    return PeriodicEval(cfg, model, forward, dp_rank=info.dp_rank, dp_size=info.dp_size,
+                        group=parallel_state.get_data_parallel_group(), is_main=info.is_main,
+                        pipelined=pipeline is not None, log=say)
 
 
 def state_bytes(model: torch.nn.Module, optimizer: object) -> int:

@@ -1,0 +1,110 @@
+"""Load a trained model for evaluation from whatever the user points at.
+
+Formats are tried in order; each is a ``(name, detect, load)`` entry of :data:`LOADERS`:
+
+* ``release``: ``hyperloop export --release`` output (``config.json`` + ``model.safetensors``),
+* ``checkpoint``: a training checkpoint or a run directory (its latest good checkpoint), consolidated in
+  memory through the release code (any TP / PP / DP layout, Megatron or FSDP engine).
+
+Another format (the INT4 export of issue #7) plugs in with :func:`register_loader`; it returns a
+:class:`LoadedModel` whose ``model`` maps tokens ``[b, s]`` to logits ``[b, s, vocab]``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hyperloop_dist.config import ModelConfig
+from hyperloop_dist.data.tokenizer import load_tokenizer
+
+
+class EvalError(ValueError):
+    """What to evaluate, or on what, cannot be used; the message names the problem and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # tokens [b, s] -> logits [b, s, vocab]; a ReferenceModel for our own formats
+    cfg: ModelConfig
+    tokenizer_path: Path
+    source: str  # what was loaded, for tables
+
+    @property
+    def tokenizer(self):
+        return load_tokenizer(self.tokenizer_path, self.cfg.vocab_size)
+
+    def logits_fn(self, loops: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Logits at the trained loop count, or after ``loops`` loops (looped kinds, see loops.py)."""
+        if loops is None or loops == self.cfg.loops:
+            return self.model
+        from hyperloop_dist.evaluation.loops import loop_logits, reference_parts
+
+        return loop_logits(reference_parts(self.model), loops)
+
+
+def _is_release(path: Path) -> bool:
+    from hyperloop_dist.checkpoint.release import RELEASE_FORMAT
+
+    config = path / "config.json"
+    if not config.is_file() or not (path / "model.safetensors").is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == RELEASE_FORMAT
+    except ValueError:
+        return False
+
+
+def _load_release(path: Path) -> LoadedModel:
+    from hyperloop_dist.checkpoint.release import load_release
+
+    model = load_release(path)
+    return LoadedModel(model, model.cfg, path / "tokenizer.model", f"release {path}")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "manifest.json").is_file() or (path / "checkpoints").is_dir()
+
+
+def _load_checkpoint(path: Path) -> LoadedModel:
+    from hyperloop_dist.checkpoint.release import load_megatron_weights, single_process_world
+    from hyperloop_dist.checkpoint.store import resolve_checkpoint
+    from hyperloop_dist.model.reference import ReferenceModel, from_megatron_state_dict
+
+    checkpoint = resolve_checkpoint(path)
+    with single_process_world():
+        cfg, tensors = load_megatron_weights(checkpoint)
+    model = ReferenceModel(cfg)
+    model.load_state_dict(from_megatron_state_dict(tensors), strict=True)
+    return LoadedModel(model.eval(), cfg, checkpoint / "tokenizer.model", f"checkpoint {checkpoint}")
+
+
+LOADERS: list[tuple[str, Callable[[Path], bool], Callable[[Path], LoadedModel]]] = [
+    ("release", _is_release, _load_release),
+    ("checkpoint", _is_checkpoint, _load_checkpoint),
+]
+
+
+def register_loader(name: str, detect: Callable[[Path], bool], load: Callable[[Path], LoadedModel]) -> None:
+    """Add a checkpoint format (tried before the built-in ones)."""
+    LOADERS.insert(0, (name, detect, load))
+
+
+def load_for_eval(path: str | Path) -> LoadedModel:
+    path = Path(path)
+    if not path.is_dir():
+        raise EvalError(f"{path} does not exist or is not a directory; pass a release (hyperloop export "
+                        "--release), a run directory or a checkpoint directory")
+    for _, detect, load in LOADERS:
+        if detect(path):
+            loaded = load(path)
+            if not loaded.tokenizer_path.is_file():
+                raise EvalError(f"{path}: no tokenizer.model next to the weights; copy the run's tokenizer there")
+            return loaded
+    names = ", ".join(name for name, _, _ in LOADERS)
+    raise EvalError(f"{path}: not a model directory this version reads ({names}); pass a release "
+                    "(hyperloop export --release), a run directory or a checkpoint directory")
