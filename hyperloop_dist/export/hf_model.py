@@ -67,3 +67,6 @@ def register() -> None:
     """Make ``AutoConfig`` / ``AutoModelForCausalLM`` know ``model_type: hyperloop`` (idempotent)."""
     AutoConfig.register(MODEL_TYPE, HyperloopConfig, exist_ok=True)
     AutoModelForCausalLM.register(HyperloopConfig, HyperloopForCausalLM, exist_ok=True)
+
+
+register()  # importing this module is all a downstream script needs before from_pretrained

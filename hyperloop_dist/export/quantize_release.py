@@ -146,6 +146,7 @@ def export_int4(source: str | Path, out: str | Path, overrides: list[str] | None
     """Quantize ``source`` by ``export.*`` (in ``overrides``), write the INT4 release ``out``, load it back
     through transformers and report held-out loss and sizes against bf16."""
     model, cfg, tokenizer = load_source(source, overrides or [])
+    torch.set_num_threads(cfg.train.threads_per_rank)
     e = cfg.export
     calibration = calibration_batches(cfg) if e.method == "gptq" else []
     log(f"quantizing {cfg.model.kind} to INT4 ({e.method}, group size {e.group_size}"
