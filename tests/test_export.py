@@ -141,8 +141,20 @@ def test_gptq_hessian_gathers_every_loop_of_the_shared_middle_block(cfg, trained
     assert stats["end.layers.0.self_attention.linear_qkv"].rows == rows
 
 
-def test_gguf_container_holds_q4_0_of_the_quantized_weights(cfg, gptq_release, tmp_path: Path) -> None:
-    pytest.skip("gguf writer not there yet")
+def test_gguf_container_holds_q4_0_of_the_quantized_weights(trained, gptq_release, tmp_path: Path) -> None:
+    from hyperloop_dist.export.gguf_container import read_gguf, write_gguf
+
+    _, quantized = gptq_release
+    tensors = read_gguf(write_gguf(trained, quantized, tmp_path / "model.gguf"))
+    assert tensors.keys() == trained.state_dict().keys()  # the shared middle block once
+    for name, weight in quantized.weights.items():
+        kind, stored = tensors[f"{name}.weight"]
+        assert kind == "Q4_0" and stored.shape == weight.shape
+        # Q4_0 re-rounds onto its own grid: within one step (|block max| / 8) of our INT4 weights.
+        step = weight.unflatten(-1, (-1, 32)).abs().amax(-1, keepdim=True) / 8
+        assert ((stored - weight).unflatten(-1, (-1, 32)).abs() <= step * 1.01 + 1e-6).all(), name
+    kind, norm = tensors["final_norm.weight"]
+    assert kind == "F32" and torch.equal(norm, trained.final_norm.weight.detach())
 
 
 def test_bad_export_settings_name_the_field(cfg, trained) -> None:
@@ -161,11 +173,27 @@ def test_cli_exports_int4_from_a_run_directory(run: Path, tmp_path: Path) -> Non
     out = tmp_path / "int4"
     cmd = [sys.executable, "-m", "hyperloop_dist.cli", "export", "--int4", "method=gptq", f"group_size={GROUP}",
            "calibration_batches=2", "heldout_windows=8", str(run), str(out)]
+    cmd.insert(4, "--format=gguf")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "held-out loss" in proc.stdout and f"INT4 gptq g{GROUP}" in proc.stdout and "bf16" in proc.stdout
     info = json.loads((out / "config.json").read_text())
     assert info["model_type"] == "hyperloop" and info["quantization_config"]["format"] == "pack-quantized"
-    assert info["int4"]["method"] == "gptq" and (out / "tokenizer.model").is_file()
+    assert info["int4"]["method"] == "gptq" and (out / "tokenizer.model").is_file() and (out / "model.gguf").is_file()
     again = subprocess.run([*cmd[:-2], str(out), str(tmp_path / "again")], capture_output=True, text=True)
     assert again.returncode == 2 and "already an INT4 release" in again.stderr
+
+
+def test_release_loads_through_transformers_with_reference_logits(run: Path, cfg, tmp_path: Path) -> None:
+    """`hyperloop export --release` (unchanged format, reference names) is also a transformers checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from hyperloop_dist.checkpoint.release import export_release, load_release
+
+    out = export_release(run, tmp_path / "release")
+    reference = load_release(out)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in reference.parameters())
+    tokens = heldout_windows(cfg, 2)[:, :-1]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=tokens).logits, reference(tokens), atol=1e-6, rtol=0)

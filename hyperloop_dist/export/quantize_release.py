@@ -159,6 +159,10 @@ def export_int4(source: str | Path, out: str | Path, overrides: list[str] | None
     write_int4_release(model, quantized, e, out, tokenizer,
                        extra={"heldout_loss": int4_loss, "bf16_heldout_loss": bf16_loss,
                               "heldout_tokens": windows[:, 1:].numel(), "export": dataclasses.asdict(e)})
+    if e.format == "gguf":
+        from hyperloop_dist.export.gguf_container import GGUF_FILE, write_gguf
+
+        write_gguf(model, quantized, Path(out) / GGUF_FILE)
     loaded = load_int4_release(out)  # never report on a release that does not load as written
     probe = windows[:2, :-1]
     with torch.no_grad():
