@@ -24,7 +24,13 @@ from hyperloop_dist.checkpoint.release import load_release, release_config
 from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import Config, load_config
 from hyperloop_dist.export.compressed import WEIGHTS, is_int4_release, load_int4_release, write_int4_release
-from hyperloop_dist.export.int4 import STORAGE_DTYPE, apply_fake_quantized, quantize_model, storage_rounded
+from hyperloop_dist.export.int4 import (
+    STORAGE_DTYPE,
+    apply_fake_quantized,
+    quantize_model,
+    storage_rounded,
+    target_modules,
+)
 from hyperloop_dist.model.reference import ReferenceModel
 
 Log = Callable[[str], object]
@@ -148,6 +154,7 @@ def export_int4(source: str | Path, out: str | Path, overrides: list[str] | None
     model, cfg, tokenizer = load_source(source, overrides or [])
     torch.set_num_threads(cfg.train.threads_per_rank)
     e = cfg.export
+    target_modules(model, e)  # a group size that does not fit stops here, before any calibration
     calibration = calibration_batches(cfg) if e.method == "gptq" else []
     log(f"quantizing {cfg.model.kind} to INT4 ({e.method}, group size {e.group_size}"
         f"{f', {len(calibration)} calibration batches' if calibration else ''})")
