@@ -10,6 +10,7 @@ plus compressed-tensors' ``quantization_config``, so ``AutoModelForCausalLM.from
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -34,8 +35,6 @@ WEIGHTS = "model.safetensors"
 def compressed_state_dict(model: ReferenceModel, quantized: QuantizedWeights,
                           export: ExportConfig) -> tuple[dict[str, torch.Tensor], ReferenceModel]:
     """A copy of ``model`` in bf16 with the quantized modules compressed by compressed-tensors."""
-    import copy
-
     work = copy.deepcopy(model).to(STORAGE_DTYPE)
     apply_quantization_config(work, quantization_config(export), show_progress=False)
     modules = dict(work.named_modules())

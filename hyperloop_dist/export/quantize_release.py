@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from safetensors.torch import save_file
 
 from hyperloop_dist.checkpoint.release import load_release, release_config
 from hyperloop_dist.checkpoint.store import CheckpointError
-from hyperloop_dist.config import Config, load_config
+from hyperloop_dist.config import Config, load_config, validate_export
 from hyperloop_dist.export.compressed import WEIGHTS, is_int4_release, load_int4_release, write_int4_release
 from hyperloop_dist.export.int4 import (
     STORAGE_DTYPE,
@@ -50,7 +49,8 @@ def load_source(source: str | Path, overrides: list[str]) -> tuple[ReferenceMode
             raise CheckpointError(f"{source} is already an INT4 release; export from its checkpoint or bf16 release")
         model = load_release(source)
         cfg = load_config(None, overrides)
-        cfg.model = release_config(source)
+        cfg.model = release_config(source)  # a release carries no data config: data.* comes from overrides
+        validate_export(cfg.export, cfg.model)
         tokenizer = source / "tokenizer.model"
     else:
         checkpoint = resolve_checkpoint(source)
@@ -181,7 +181,3 @@ def export_int4(source: str | Path, out: str | Path, overrides: list[str] | None
                           (Path(out) / WEIGHTS).stat().st_size, q_int4, q_bf16, windows[:, 1:].numel(), diff)
     return report
 
-
-def release_summary(path: str | Path) -> dict:
-    """What an INT4 release's ``config.json`` records about its export (method, losses, settings)."""
-    return json.loads((Path(path) / "config.json").read_text()).get("int4", {})
