@@ -197,3 +197,18 @@ def test_release_loads_through_transformers_with_reference_logits(run: Path, cfg
     tokens = heldout_windows(cfg, 2)[:, :-1]
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=tokens).logits, reference(tokens), atol=1e-6, rtol=0)
+
+
+def test_embedding_and_untied_head_quantize_when_asked(tmp_path: Path) -> None:
+    from hyperloop_dist.config import ExportConfig, ModelConfig
+
+    torch.manual_seed(0)
+    model = ReferenceModel(ModelConfig(hidden_size=64, vocab_size=256, loops=2, tie_embeddings=False)).eval()
+    e = ExportConfig(group_size=GROUP, quantize_embedding=True, quantize_head=True)
+    quantized = int4.quantize_model(model, e)
+    assert {"embedding.word_embeddings", "output_layer"} <= set(quantized.weights)
+    out = write_int4_release(model, quantized, e, tmp_path / "release")
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_int4_release(out)(tokens),
+                                   int4.apply_fake_quantized(copy.deepcopy(model), quantized)(tokens), atol=1e-5, rtol=0)
