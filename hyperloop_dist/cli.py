@@ -92,13 +92,27 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_items(items: list[str]) -> tuple[list[str], str, str]:
+    """``[key=value ...] SOURCE OUT``: settings (a bare key means ``export.key``), then the two paths."""
+    paths = [i for i in items if "=" not in i]
+    if len(paths) != 2:
+        raise ConfigError(f"hyperloop export: expected SOURCE and OUT paths after the settings, got {paths}")
+    settings = [i if "." in i.partition("=")[0] else f"export.{i}" for i in items if "=" in i]
+    return settings, paths[0], paths[1]
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from hyperloop_dist.checkpoint.release import export_release, load_release
 
-    if not args.release:
-        print("hyperloop export: choose a format: --release (INT4 export comes with issue #7)", file=sys.stderr)
+    if args.release == args.int4:
+        print("hyperloop export: choose one format: --release (bf16/fp32 release) or --int4", file=sys.stderr)
         return 2
-    out = export_release(args.checkpoint, args.out)
+    settings, source, out = _export_items(args.items)
+    if args.int4:
+        return _export_int4(settings, source, out, args.format)
+    if settings:
+        raise ConfigError(f"hyperloop export --release takes no settings (got {' '.join(settings)})")
+    out = export_release(source, out)
     model = load_release(out)
     n_params = sum(p.numel() for p in model.parameters())
     size = (out / "model.safetensors").stat().st_size
@@ -116,6 +130,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         write_results(result, args.out)
         print(f"results written to {args.out}")
+    return 0
+
+
+def _export_int4(settings: list[str], source: str, out: str, fmt: str | None) -> int:
+    from hyperloop_dist.export.quantize_release import export_int4
+
+    if fmt is not None:
+        settings = [*settings, f"export.format={fmt}"]
+    report = export_int4(source, out, settings)
+    print(f"INT4 release written to {report.out} (compressed-tensors pack-quantized, loads with "
+          f"AutoModelForCausalLM.from_pretrained after `import hyperloop_dist.export.hf_model`)")
+    print(report.table())
     return 0
 
 
@@ -144,10 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="path prefix of the .bin/.idx pair")
     p.set_defaults(func=cmd_pretokenize)
 
-    p = sub.add_parser("export", help="consolidate a checkpoint into a release")
+    p = sub.add_parser("export", help="consolidate a checkpoint into a release, or quantize it to INT4",
+                       usage="hyperloop export (--release | --int4) [key=value ...] SOURCE OUT")
     p.add_argument("--release", action="store_true", help="one safetensors file + config.json + tokenizer")
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest good checkpoint)")
-    p.add_argument("out", help="the release directory to create (must not exist or be empty)")
+    p.add_argument("--int4", action="store_true",
+                   help="INT4 weight-only release (compressed-tensors pack-quantized); settings: method=rtn|gptq "
+                        "group_size=128 calibration_batches=16 ... (export.* in docs/export.md), data.* overrides")
+    p.add_argument("--format", choices=("compressed-tensors", "gguf"), default=None,
+                   help="--int4 only: also write model.gguf (Q4_0 container, not runnable by llama.cpp)")
+    p.add_argument("items", nargs="+", metavar="ARG",
+                   help="[key=value ...] SOURCE OUT: SOURCE a checkpoint, a run directory (its latest good "
+                        "checkpoint) or a release; OUT the directory to create (must not exist or be empty)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="held-out loss, per-loop curve, loss vs loops and lm-eval tasks of a checkpoint")

@@ -160,6 +160,20 @@ class LoggingConfig:
 
 
 @dataclass
+class ExportConfig:
+    """``hyperloop export --int4``: INT4 weight-only quantization of the blocks' Linear weights."""
+
+    method: str = "rtn"  # rtn | gptq
+    group_size: int = 128  # input columns per scale; must divide every quantized layer's input width
+    quantize_embedding: bool = False  # also the token embedding (and so a tied head); default kept in bf16
+    quantize_head: bool = False  # also an untied LM head
+    calibration_batches: int = 16  # GPTQ: training micro-batches from the data pipeline
+    gptq_dampening: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to it
+    heldout_windows: int = 64  # held-out windows for the bf16 vs INT4 loss report
+    format: str = "compressed-tensors"  # compressed-tensors (pack-quantized W4A16) | gguf (Q4_0 container)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -168,6 +182,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def world_size(self) -> int:
@@ -406,6 +421,7 @@ def validate(cfg: Config) -> None:
     _require(t.run_dir != "", "train.run_dir: must name a directory")
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
     _validate_eval(cfg)
+    validate_export(cfg.export, cfg.model)
 
 
 def _validate_eval(cfg: Config) -> None:
@@ -419,3 +435,13 @@ def _validate_eval(cfg: Config) -> None:
         _require(src.path != "", f"eval.heldout_sources[{i}].path: must name a file, directory or glob")
         _one_of(f"eval.heldout_sources[{i}].format", src.format, ("auto", "jsonl", "parquet", "text"))
 
+
+def validate_export(e: ExportConfig, m: ModelConfig) -> None:
+    _one_of("export.method", e.method, ("rtn", "gptq"))
+    _one_of("export.format", e.format, ("compressed-tensors", "gguf"))
+    for name in ("group_size", "calibration_batches", "heldout_windows"):
+        _positive(f"export.{name}", getattr(e, name))
+    _require(0 <= e.gptq_dampening < 1, f"export.gptq_dampening={e.gptq_dampening}: must be in [0, 1)")
+    _require(not (e.quantize_head and m.tie_embeddings),
+             "export.quantize_head=true with model.tie_embeddings=true: the head is the embedding; "
+             "set export.quantize_embedding=true instead")

@@ -90,8 +90,10 @@ def export_release(source: str | Path, out: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": RELEASE_FORMAT})
+    from hyperloop_dist.export.hf_model import hf_config  # config.json doubles as the transformers config
+
     (tmp / "config.json").write_text(json.dumps(
-        {"format": RELEASE_FORMAT, "model": dataclasses.asdict(model_cfg),
+        {**hf_config(model_cfg).to_dict(), "format": RELEASE_FORMAT, "model": dataclasses.asdict(model_cfg),
          "source_checkpoint": str(checkpoint.resolve())}, indent=1))
     if (checkpoint / "tokenizer.model").is_file():
         shutil.copyfile(checkpoint / "tokenizer.model", tmp / "tokenizer.model")

@@ -1,0 +1,183 @@
+"""``hyperloop export --int4``: checkpoint, run directory or release in, INT4 release out, loss gap reported.
+
+Calibration batches are the training pipeline's own (``make_batches`` of the run's data config), the
+held-out windows the pipeline's held-out split. The report puts held-out loss and size on disk of the
+bf16 model (every tensor rounded to bf16) next to the INT4 release's.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hyperloop_dist.checkpoint.release import load_release, release_config
+from hyperloop_dist.checkpoint.store import CheckpointError
+from hyperloop_dist.config import Config, load_config, validate_export
+from hyperloop_dist.export.compressed import WEIGHTS, is_int4_release, load_int4_release, write_int4_release
+from hyperloop_dist.export.int4 import (
+    STORAGE_DTYPE,
+    apply_fake_quantized,
+    quantize_model,
+    storage_rounded,
+    target_modules,
+)
+from hyperloop_dist.model.reference import ReferenceModel
+
+Log = Callable[[str], object]
+QUANTIZED_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape")
+
+
+def load_source(source: str | Path, overrides: list[str]) -> tuple[ReferenceModel, Config, Path | None]:
+    """The float32 model, the run config (data, export settings) and the tokenizer of ``source``: a
+    checkpoint, a run directory (its latest good checkpoint) or a bf16/fp32 release."""
+    from hyperloop_dist.checkpoint.release import load_megatron_weights, single_process_world
+    from hyperloop_dist.checkpoint.store import resolve_checkpoint
+    from hyperloop_dist.model.reference import from_megatron_state_dict
+
+    source = Path(source)
+    if (source / "config.json").is_file():
+        if is_int4_release(source):
+            raise CheckpointError(f"{source} is already an INT4 release; export from its checkpoint or bf16 release")
+        model = load_release(source)
+        cfg = load_config(None, overrides)
+        cfg.model = release_config(source)  # a release carries no data config: data.* comes from overrides
+        validate_export(cfg.export, cfg.model)
+        tokenizer = source / "tokenizer.model"
+    else:
+        checkpoint = resolve_checkpoint(source)
+        cfg = load_config(checkpoint / "config.yaml", overrides)
+        with single_process_world():
+            _, tensors = load_megatron_weights(checkpoint)
+        model = ReferenceModel(cfg.model)
+        model.load_state_dict(from_megatron_state_dict(tensors), strict=True)
+        tokenizer = checkpoint / "tokenizer.model"
+    if tokenizer.is_file():
+        cfg.data.tokenizer = str(tokenizer)
+    return model.eval(), cfg, tokenizer if tokenizer.is_file() else None
+
+
+def calibration_batches(cfg: Config) -> list[torch.Tensor]:
+    """``export.calibration_batches`` training micro-batches from the data pipeline (rank 0 of 1)."""
+    from hyperloop_dist.data.batches import make_batches
+    from hyperloop_dist.data.token_windows import prepare_corpus
+
+    prepare_corpus(cfg, log=lambda *_: None)
+    batches = make_batches(cfg, dp_rank=0, dp_size=1)
+    return [batches.next(step, 0)[0] for step in range(cfg.export.calibration_batches)]
+
+
+# merge: replace with hyperloop_dist.evaluation.heldout (heldout_windows / reference_heldout_loss)
+def heldout_windows(cfg: Config, n: int) -> torch.Tensor:
+    """Up to ``n`` consecutive held-out windows ``[m, seq + 1]`` of the pipeline's held-out split."""
+    from hyperloop_dist.data.token_windows import load_tokens, prepare_corpus
+
+    tokens = load_tokens(prepare_corpus(cfg, log=lambda *_: None), "heldout")
+    seq = cfg.model.seq_length
+    m = min(n, (len(tokens) - 1) // seq)
+    if m < 1:
+        raise ValueError(f"the held-out split has {len(tokens)} tokens, fewer than one window of {seq + 1}")
+    return torch.stack([torch.from_numpy(tokens[i * seq:i * seq + seq + 1].astype("int64")) for i in range(m)])
+
+
+# merge: replace with hyperloop_dist.evaluation.heldout.reference_heldout_loss
+def heldout_loss(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for rows in windows.split(batch_size):
+            logits = model(rows[:, :-1]).float()
+            total += F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").item()
+            count += rows[:, 1:].numel()
+    return total / count
+
+
+def quantized_layer_bytes(weights_file: str | Path) -> tuple[int, int]:
+    """(bytes the quantized modules take in an INT4 weights file, bytes the same weights take in bf16)."""
+    int4_bytes = bf16_bytes = 0
+    with safe_open(str(weights_file), "pt") as f:
+        for key in f.keys():
+            if key.endswith(QUANTIZED_SUFFIXES):
+                t = f.get_tensor(key)
+                int4_bytes += t.numel() * t.element_size()
+                if key.endswith(".weight_shape"):
+                    bf16_bytes += int(torch.prod(t)) * 2
+    return int4_bytes, bf16_bytes
+
+
+def bf16_weights_bytes(model: ReferenceModel) -> int:
+    """Size on disk of the model's weights file in bf16 (written to a temporary file and measured)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / WEIGHTS
+        save_file({k: v.to(STORAGE_DTYPE).contiguous() for k, v in model.state_dict().items()}, str(path))
+        return path.stat().st_size
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    method: str
+    group_size: int
+    bf16_loss: float
+    int4_loss: float
+    bf16_bytes: int
+    int4_bytes: int
+    quantized_int4_bytes: int
+    quantized_bf16_bytes: int
+    heldout_tokens: int
+    max_logit_diff: float
+
+    def table(self) -> str:
+        rows = [("bf16", self.bf16_loss, "", self.bf16_bytes),
+                (f"INT4 {self.method} g{self.group_size}", self.int4_loss,
+                 f"{self.int4_loss - self.bf16_loss:+.4f}", self.int4_bytes)]
+        lines = [f"{'model':<18} {'held-out loss':>13} {'gap':>8} {'weights on disk':>16}"]
+        lines += [f"{name:<18} {loss:>13.4f} {gap:>8} {size / 1e6:>13.2f} MB" for name, loss, gap, size in rows]
+        lines.append(f"quantized layers: {self.quantized_int4_bytes / 1e6:.2f} MB INT4 vs "
+                     f"{self.quantized_bf16_bytes / 1e6:.2f} MB bf16 "
+                     f"({self.quantized_int4_bytes / self.quantized_bf16_bytes:.3f}x); "
+                     f"{self.heldout_tokens:,} held-out tokens")
+        return "\n".join(lines)
+
+
+def export_int4(source: str | Path, out: str | Path, overrides: list[str] | None = None,
+                log: Log = print) -> ExportReport:
+    """Quantize ``source`` by ``export.*`` (in ``overrides``), write the INT4 release ``out``, load it back
+    through transformers and report held-out loss and sizes against bf16."""
+    model, cfg, tokenizer = load_source(source, overrides or [])
+    torch.set_num_threads(cfg.train.threads_per_rank)
+    e = cfg.export
+    target_modules(model, e)  # a group size that does not fit stops here, before any calibration
+    calibration = calibration_batches(cfg) if e.method == "gptq" else []
+    log(f"quantizing {cfg.model.kind} to INT4 ({e.method}, group size {e.group_size}"
+        f"{f', {len(calibration)} calibration batches' if calibration else ''})")
+    quantized = quantize_model(model, e, calibration)
+    fake = apply_fake_quantized(copy.deepcopy(model), quantized)
+    windows = heldout_windows(cfg, e.heldout_windows)
+    bf16_loss = heldout_loss(storage_rounded(copy.deepcopy(model)), windows)
+    int4_loss = heldout_loss(fake, windows)
+    write_int4_release(model, quantized, e, out, tokenizer,
+                       extra={"heldout_loss": int4_loss, "bf16_heldout_loss": bf16_loss,
+                              "heldout_tokens": windows[:, 1:].numel(), "export": dataclasses.asdict(e)})
+    if e.format == "gguf":
+        from hyperloop_dist.export.gguf_container import GGUF_FILE, write_gguf
+
+        write_gguf(model, quantized, Path(out) / GGUF_FILE)
+    loaded = load_int4_release(out)  # never report on a release that does not load as written
+    probe = windows[:2, :-1]
+    with torch.no_grad():
+        diff = (loaded(probe) - fake(probe)).abs().max().item()
+    if diff > 1e-4:
+        raise RuntimeError(f"{out}: the written release's logits differ from the quantized model's by {diff}")
+    q_int4, q_bf16 = quantized_layer_bytes(Path(out) / WEIGHTS)
+    report = ExportReport(Path(out), e.method, e.group_size, bf16_loss, int4_loss, bf16_weights_bytes(model),
+                          (Path(out) / WEIGHTS).stat().st_size, q_int4, q_bf16, windows[:, 1:].numel(), diff)
+    return report
+

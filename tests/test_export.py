@@ -1,0 +1,214 @@
+"""INT4 export: releases that transformers and compressed-tensors load exactly, and GPTQ against RTN."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from hyperloop_dist.config import ConfigError, load_config
+from hyperloop_dist.export import int4
+from hyperloop_dist.export.compressed import WEIGHTS, load_int4_release, write_int4_release
+from hyperloop_dist.export.quantize_release import (
+    calibration_batches,
+    heldout_loss,
+    heldout_windows,
+    load_source,
+    quantized_layer_bytes,
+)
+from hyperloop_dist.model.reference import ReferenceModel
+
+from .helpers import train
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("megatron_world")]
+
+GROUP = 64  # divides the tiny model's widths (hidden 64, ffn 192)
+TRAIN = ["model.hidden_size=64", "train.steps=200", "train.micro_batch_size=16", "optim.lr=5e-3",
+         "optim.warmup_steps=10", "train.log_interval=50", "parallel.nproc_per_node=1", "data.loader=windows"]
+SETTINGS = [f"export.group_size={GROUP}", "export.calibration_batches=8", "export.heldout_windows=200"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops on a busy 2-core machine: 10x faster than 2 contending threads
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Hyperloop trained by `hyperloop train` (1 process, ~100k tokens): weights with structure to lose."""
+    out = tmp_path_factory.mktemp("export") / "run"
+    train([*tiny_data, *TRAIN], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def source(run: Path, tiny_data: list[str]):
+    model, cfg, _ = load_source(run, SETTINGS)
+    return model, cfg
+
+
+@pytest.fixture(scope="module")
+def cfg(source):
+    return source[1]
+
+
+@pytest.fixture(scope="module")
+def trained(source) -> ReferenceModel:
+    return source[0]
+
+
+@pytest.fixture(scope="module")
+def gptq_release(cfg, trained, tmp_path_factory: pytest.TempPathFactory):
+    e = dataclasses.replace(cfg.export, method="gptq")
+    quantized = int4.quantize_model(trained, e, calibration_batches(cfg))
+    out = write_int4_release(trained, quantized, e, tmp_path_factory.mktemp("int4") / "release")
+    return out, quantized
+
+
+def test_int4_release_loads_through_transformers_and_compressed_tensors_exactly(cfg, trained, gptq_release) -> None:
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import AutoModelForCausalLM
+
+    import hyperloop_dist.export.hf_model  # noqa: F401  (registers model_type "hyperloop")
+
+    out, quantized = gptq_release
+    fake = int4.apply_fake_quantized(copy.deepcopy(trained), quantized)
+    reference = fake.state_dict()
+
+    # compressed-tensors' own decompressor, driven by nothing but the files.
+    qconfig = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    (scheme,) = qconfig.config_groups.values()
+    with safe_open(str(out / WEIGHTS), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    packed = sorted(k.removesuffix(".weight_packed") for k in stored if k.endswith(".weight_packed"))
+    assert packed == sorted(quantized.weights)
+    assert any(name.startswith("middle.") for name in packed) and "middle.layers.0.mlp.linear_fc1.weight" not in stored
+    for name in packed:
+        module_state = {k.removeprefix(name + "."): v for k, v in stored.items() if k.startswith(name + ".")}
+        assert stored[name + ".weight_packed"].dtype == torch.int32
+        weight = PackedQuantizationCompressor.decompress(module_state, scheme)["weight"]
+        assert torch.equal(weight.float(), reference[name + ".weight"]), name
+
+    # transformers: the registered class, weights as stored (bf16) and logits in float32.
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16)
+    assert type(hf).__name__ == "HyperloopForCausalLM"
+    tokens = heldout_windows(cfg, 4)[:, :-1]
+    hf(tokens[:1])  # compressed-tensors decompresses on the first forward
+    hf_state = hf.model.state_dict()
+    for name, tensor in reference.items():
+        assert torch.equal(hf_state[name].float(), tensor), name
+    loaded = load_int4_release(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), fake(tokens), atol=1e-5, rtol=0)
+        out_hf = hf(input_ids=tokens, labels=tokens)
+    assert torch.isfinite(out_hf.loss)
+
+
+def test_int4_weights_are_at_most_0_3x_bf16_for_quantized_layers(gptq_release) -> None:
+    out, _ = gptq_release
+    int4_bytes, bf16_bytes = quantized_layer_bytes(out / WEIGHTS)
+    assert 0 < int4_bytes <= 0.3 * bf16_bytes, (int4_bytes, bf16_bytes)
+
+
+def test_gptq_loss_gap_is_smaller_than_rtn(cfg, trained, gptq_release) -> None:
+    windows = heldout_windows(cfg, cfg.export.heldout_windows)
+    bf16 = heldout_loss(int4.storage_rounded(copy.deepcopy(trained)), windows)
+    rtn = int4.quantize_model(trained, dataclasses.replace(cfg.export, method="rtn"))
+    gaps = {"rtn": heldout_loss(int4.apply_fake_quantized(copy.deepcopy(trained), rtn), windows) - bf16,
+            "gptq": heldout_loss(load_int4_release(gptq_release[0]), windows) - bf16}
+    assert gaps["gptq"] < gaps["rtn"] and gaps["rtn"] > 0, gaps
+
+
+def test_gptq_hessian_gathers_every_loop_of_the_shared_middle_block(cfg, trained) -> None:
+    modules = int4.target_modules(trained, cfg.export)
+    batches = calibration_batches(cfg)[:2]
+    stats = int4.collect_hessians(trained, modules, batches)
+    rows = sum(b.numel() for b in batches)
+    assert stats["begin.layers.0.mlp.linear_fc1"].rows == rows
+    assert stats["middle.layers.1.mlp.linear_fc1"].rows == cfg.model.loops * rows
+    assert stats["end.layers.0.self_attention.linear_qkv"].rows == rows
+
+
+def test_gguf_container_holds_q4_0_of_the_quantized_weights(trained, gptq_release, tmp_path: Path) -> None:
+    from hyperloop_dist.export.gguf_container import read_gguf, write_gguf
+
+    _, quantized = gptq_release
+    tensors = read_gguf(write_gguf(trained, quantized, tmp_path / "model.gguf"))
+    assert tensors.keys() == trained.state_dict().keys()  # the shared middle block once
+    for name, weight in quantized.weights.items():
+        kind, stored = tensors[f"{name}.weight"]
+        assert kind == "Q4_0" and stored.shape == weight.shape
+        # Q4_0 re-rounds onto its own grid: within one step (|block max| / 8) of our INT4 weights.
+        step = weight.unflatten(-1, (-1, 32)).abs().amax(-1, keepdim=True) / 8
+        assert ((stored - weight).unflatten(-1, (-1, 32)).abs() <= step * 1.01 + 1e-6).all(), name
+    kind, norm = tensors["final_norm.weight"]
+    assert kind == "F32" and torch.equal(norm, trained.final_norm.weight.detach())
+
+
+def test_bad_export_settings_name_the_field(cfg, trained) -> None:
+    with pytest.raises(ConfigError, match="export.group_size=48: must divide the input width 64"):
+        int4.target_modules(trained, dataclasses.replace(cfg.export, group_size=48))
+    with pytest.raises(ConfigError, match="export.group_size=0: must be > 0"):
+        load_config(None, ["export.group_size=0"])
+    with pytest.raises(ConfigError, match="export.method='awq'"):
+        load_config(None, ["export.method=awq"])
+    with pytest.raises(ConfigError, match="export.quantize_head=true with model.tie_embeddings=true"):
+        load_config(None, ["export.quantize_head=true"])
+
+
+def test_cli_exports_int4_from_a_run_directory(run: Path, tmp_path: Path) -> None:
+    """`hyperloop export --int4` on the run: table with both losses and sizes; refuses an INT4 source."""
+    out = tmp_path / "int4"
+    cmd = [sys.executable, "-m", "hyperloop_dist.cli", "export", "--int4", "method=gptq", f"group_size={GROUP}",
+           "calibration_batches=2", "heldout_windows=8", str(run), str(out)]
+    cmd.insert(4, "--format=gguf")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "held-out loss" in proc.stdout and f"INT4 gptq g{GROUP}" in proc.stdout and "bf16" in proc.stdout
+    info = json.loads((out / "config.json").read_text())
+    assert info["model_type"] == "hyperloop" and info["quantization_config"]["format"] == "pack-quantized"
+    assert info["int4"]["method"] == "gptq" and (out / "tokenizer.model").is_file() and (out / "model.gguf").is_file()
+    again = subprocess.run([*cmd[:-2], str(out), str(tmp_path / "again")], capture_output=True, text=True)
+    assert again.returncode == 2 and "already an INT4 release" in again.stderr
+
+
+def test_release_loads_through_transformers_with_reference_logits(run: Path, cfg, tmp_path: Path) -> None:
+    """`hyperloop export --release` (unchanged format, reference names) is also a transformers checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from hyperloop_dist.checkpoint.release import export_release, load_release
+
+    out = export_release(run, tmp_path / "release")
+    reference = load_release(out)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in reference.parameters())
+    tokens = heldout_windows(cfg, 2)[:, :-1]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=tokens).logits, reference(tokens), atol=1e-6, rtol=0)
+
+
+def test_embedding_and_untied_head_quantize_when_asked(tmp_path: Path) -> None:
+    from hyperloop_dist.config import ExportConfig, ModelConfig
+
+    torch.manual_seed(0)
+    model = ReferenceModel(ModelConfig(hidden_size=64, vocab_size=256, loops=2, tie_embeddings=False)).eval()
+    e = ExportConfig(group_size=GROUP, quantize_embedding=True, quantize_head=True)
+    quantized = int4.quantize_model(model, e)
+    assert {"embedding.word_embeddings", "output_layer"} <= set(quantized.weights)
+    out = write_int4_release(model, quantized, e, tmp_path / "release")
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_int4_release(out)(tokens),
+                                   int4.apply_fake_quantized(copy.deepcopy(model), quantized)(tokens), atol=1e-5, rtol=0)
