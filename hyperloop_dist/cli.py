@@ -1,4 +1,4 @@
-"""The ``hyperloop`` command: ``train``, ``data``, ``export``, ``params``.
+"""The ``hyperloop`` command: ``train``, ``data``, ``export``, ``params``, ``submit``.
 
 Every subcommand takes an optional recipe (default: the embedded tiny-cpu recipe) followed by
 ``section.field=value`` overrides, validated like the recipe.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import Config, ConfigError, load_config
@@ -28,13 +29,15 @@ def _load(items: list[str]) -> Config:
 def cmd_train(args: argparse.Namespace) -> int:
     from hyperloop_dist.data.token_windows import prepare_corpus
     from hyperloop_dist.parallel.launch import inside_launcher, launch
+    from hyperloop_dist.train.signals import REQUEUE_EXIT
     from hyperloop_dist.train.trainer import run_training
 
     cfg = _load(args.config)
     if not inside_launcher():
         prepare_corpus(cfg)
-    launch(cfg, run_training, cfg)
-    return 0
+    results = launch(cfg, run_training, cfg)
+    # Stopped early by SIGUSR1/SIGTERM after a checkpoint: the status the sbatch template requeues on.
+    return REQUEUE_EXIT if any(getattr(r, "stopped_by", None) for r in results) else 0
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -97,6 +100,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from hyperloop_dist.cluster.profile import load_profile
+    from hyperloop_dist.cluster.submit import prepare, sbatch, write_run_dir
+
+    recipe, _ = _split_recipe(args.config)
+    job = prepare(_load(args.config), load_profile(args.cluster), Path(recipe).stem if recipe else "tiny-cpu",
+                  run_dir=args.run_dir)
+    if args.dry_run:
+        print(job.script, end="")
+        return 0
+    script = write_run_dir(job)
+    job_id = sbatch(script)
+    print(f"submitted job {job_id}: {script}; log {job.run_dir / 'logs' / f'slurm-{job_id}.out'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperloop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,11 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="parameter / FLOP table of a recipe and its baselines")
     p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("submit", help="render the sbatch script for a recipe on a cluster profile and submit it")
+    p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
+    p.add_argument("--cluster", required=True, metavar="PROFILE",
+                   help="cluster profile: a YAML file (cluster/profiles/NAME.yaml) or a shipped profile's name")
+    p.add_argument("--run-dir", help="run directory (default: the recipe's train.run_dir)")
+    p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    p.set_defaults(func=cmd_submit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow the options (`hyperloop submit R --cluster P train.steps=5`).
+    if extra and hasattr(args, "config") and all("=" in e and not e.startswith("-") for e in extra):
+        args.config += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -22,6 +22,7 @@ from hyperloop_dist.parallel import cpu_shim
 from hyperloop_dist.parallel.distributed import RankInfo, init_distributed, shutdown_distributed
 from hyperloop_dist.parallel.pipeline import CircularPipeline
 from hyperloop_dist.train.metrics import MetricsLogger, window_mean
+from hyperloop_dist.train.signals import StopRequest
 
 if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
@@ -34,6 +35,7 @@ class TrainResult:
     final_step: int
     losses: list[float]
     tokens_per_s: float
+    stopped_by: str | None = None  # a scheduler signal ended the run early, after a checkpoint
 
 
 def build_training(cfg: Config) -> tuple[DistributedDataParallel, MegatronOptimizer, OptimizerParamScheduler]:
@@ -160,6 +162,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     losses: list[float] = []
     tick, t_start, tokens_seen = time.perf_counter(), time.perf_counter(), 0
     step = start_step
+    stop, stopped_by = StopRequest().install(), None
     try:
         for step in range(start_step, cfg.train.steps):
             if ddp is None:
@@ -184,12 +187,20 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
                 tick = now
                 logger.log(record)
                 logger.progress(record)
-            if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
+            periodic = cfg.train.save_interval and done % cfg.train.save_interval == 0
+            if periodic and done != cfg.train.steps:
                 _save(cfg, run_dir, done, model, optimizer, scheduler, info, data)
+            if done != cfg.train.steps and stop.agreed(cpu_shim.device()):
+                stopped_by = stop.name
+                say(f"{stopped_by}: stopping after step {done}; saving a checkpoint to resume from")
+                if not periodic:
+                    _save(cfg, run_dir, done, model, optimizer, scheduler, info, data)
+                break
         final = cfg.train.steps
         if step + 1 == final and final > start_step:
             _save(cfg, run_dir, final, model, optimizer, scheduler, info, data)
     finally:
+        stop.uninstall()
         logger.close()
     elapsed = time.perf_counter() - t_start
     tps = tokens_seen / max(elapsed, 1e-9)
@@ -201,7 +212,8 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
             ("model", f"{cfg.model.kind} ({n_params:,} params)"),
             *([("data (rank 0)", f"{stats['documents']:,} documents, {stats['tokens']:,} tokens read, "
                                  f"{skipped:,} bad records skipped")] if stats else []),
-            ("steps", f"{start_step} -> {cfg.train.steps}"),
+            ("steps", f"{start_step} -> {step + 1}" + (f" of {cfg.train.steps}, stopped by {stopped_by}"
+                                                      if stopped_by else "")),
             (f"loss, first {n} steps (mean)", f"{window_mean(losses, True, n):.4f}"),
             (f"loss, last {n} steps (mean)", f"{window_mean(losses, False, n):.4f}"),
             ("tokens/s", f"{tps:,.0f}"),
@@ -211,7 +223,8 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
         ])
     else:
         say(f"nothing to do: {run_dir} already holds a checkpoint at step {start_step} >= train.steps")
-    return TrainResult(final_step=cfg.train.steps, losses=losses, tokens_per_s=tps)
+    return TrainResult(final_step=step + 1 if stopped_by else cfg.train.steps, losses=losses, tokens_per_s=tps,
+                       stopped_by=stopped_by)
 
 
 def state_bytes(model: torch.nn.Module, optimizer: object) -> int:
