@@ -1,4 +1,4 @@
-"""The ``hyperloop`` command: ``train``, ``data``, ``export``, ``params``, ``submit``.
+"""The ``hyperloop`` command: ``train``, ``data``, ``export``, ``params``, ``submit``, ``plan``.
 
 Every subcommand takes an optional recipe (default: the embedded tiny-cpu recipe) followed by
 ``section.field=value`` overrides, validated like the recipe.
@@ -116,6 +116,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hyperloop_dist.cluster.plan import Hardware, format_plan, parse_mem, plan
+
+    cfg = _load(args.config)
+    if args.gpus < 1 or args.gpus_per_node < 1 or (args.gpus > args.gpus_per_node and args.gpus % args.gpus_per_node):
+        raise ConfigError(f"--gpus={args.gpus} --gpus-per-node={args.gpus_per_node}: use whole nodes")
+    hw = Hardware(gpus=args.gpus, gpu_mem_bytes=parse_mem(args.gpu_mem),
+                  gpus_per_node=min(args.gpus_per_node, args.gpus), mfu=args.mfu,
+                  peak_flops=args.peak_tflops * 1e12)
+    print(format_plan(cfg, hw, plan(cfg, hw), top=args.top))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperloop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default: the recipe's train.run_dir)")
     p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("plan", help="per-GPU memory and step time of every TP x PP x DP x engine layout")
+    p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    p.add_argument("--gpu-mem", default="80GB", help="memory per GPU (default 80GB)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8); TP stays inside a node")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (H100: 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization assumed (default 0.4)")
+    p.add_argument("--top", type=int, default=12, help="rows to print (default 12)")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
