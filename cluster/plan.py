@@ -169,9 +169,11 @@ def state_bytes(n_params: int, engine: str, bf16: bool, dp: int, largest_unit: i
     return n_params * (weights + grads + master + adam)
 
 
-def estimate(cfg: Config, layout: Layout, hw: Hardware, split: ParamSplit | None = None) -> Estimate:
+def estimate(cfg: Config, layout: Layout, hw: Hardware, split: ParamSplit | None = None,
+             flops_per_token: float | None = None) -> Estimate:
     m = cfg.model
     split = split or param_split(m)
+    flops_per_token = flops_per_token or report(m).train_flops_per_token
     bf16 = cfg.train.precision == "bf16"
     elem = 2 if bf16 else 4
     in_flight = min(layout.pp, layout.grad_accum)
@@ -186,7 +188,7 @@ def estimate(cfg: Config, layout: Layout, hw: Hardware, split: ParamSplit | None
             worst_total, worst = state + act, (n, state, act)
     n, state, act = worst
     tokens_step = layout.micro_batch * layout.grad_accum * layout.dp * m.seq_length
-    flops = report(m).train_flops_per_token * tokens_step
+    flops = flops_per_token * tokens_step
     if layout.recompute == "loop":
         flops *= 4 / 3  # the middle block's forward runs twice
     compute = flops / hw.gpus / (hw.peak_flops * hw.mfu)
@@ -241,8 +243,8 @@ def _valid(cfg: Config, layout: Layout, hw: Hardware) -> bool:
 def plan(cfg: Config, hw: Hardware) -> list[Estimate]:
     """All valid layouts at the recipe's global batch: fitting ones first, fastest first."""
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.data_parallel_size
-    split = param_split(cfg.model)
-    estimates = [estimate(cfg, lay, hw, split) for lay in candidate_layouts(cfg, hw, global_batch)]
+    split, flops = param_split(cfg.model), report(cfg.model).train_flops_per_token
+    estimates = [estimate(cfg, lay, hw, split, flops) for lay in candidate_layouts(cfg, hw, global_batch)]
     # Per (tp, pp, engine, recompute) keep the largest micro-batch that fits (fewer, larger matmuls).
     best: dict[tuple, Estimate] = {}
     for e in estimates:
