@@ -125,7 +125,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     hw = Hardware(gpus=args.gpus, gpu_mem_bytes=parse_mem(args.gpu_mem),
                   gpus_per_node=min(args.gpus_per_node, args.gpus), mfu=args.mfu,
                   peak_flops=args.peak_tflops * 1e12)
-    print(format_plan(cfg, hw, plan(cfg, hw), top=args.top))
+    estimates = plan(cfg, hw)
+    print(format_plan(cfg, hw, estimates, top=args.top))
+    if args.validate:
+        from hyperloop_dist.cluster.validate import validate_layout
+
+        fitting = [e for e in estimates if e.fits]
+        if not fitting:
+            raise ConfigError("--validate: no layout fits; nothing to build")
+        lay = fitting[0].layout
+        print(f"validating tp={lay.tp} pp={lay.pp} dp={lay.dp} on {hw.gpus} ranks (fake process group, meta device):")
+        checks = validate_layout(cfg, hw.gpus, lay.tp, lay.pp)
+        print(f"layout constructs: {len(checks)} distinct shards built, each DP replica identical")
     return 0
 
 
@@ -180,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (H100: 989)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization assumed (default 0.4)")
     p.add_argument("--top", type=int, default=12, help="rows to print (default 12)")
+    p.add_argument("--validate", action="store_true",
+                   help="build every rank's model shard of the best layout on this CPU (meta device, fake process "
+                        "group) and check shapes and parameter counts")
     p.set_defaults(func=cmd_plan)
     return parser
 

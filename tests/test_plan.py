@@ -3,6 +3,7 @@ offers, and the ladder rule every paper-scale recipe follows."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -100,3 +101,19 @@ def test_recipes_follow_the_ladder_rule(name: str) -> None:
     est = estimate(cfg, Layout(p.tp, p.pp, cfg.data_parallel_size, engine, t.recompute, t.micro_batch_size,
                                t.grad_accum), Hardware(gpus=cfg.world_size, gpu_mem_bytes=80e9))
     assert est.fits, f"{name}: {est.total_bytes / 2**30:.1f} GiB per GPU"
+
+
+@pytest.mark.slow
+def test_validate_builds_every_shard_of_a_1024_gpu_layout() -> None:
+    """tp=2 x pp=2 x dp=256 of the 7B recipe: each (TP rank, stage) shard built as its rank would build it,
+    in a fresh process (fake process groups must not meet the session's real one)."""
+    code = ("from hyperloop_dist.cluster.validate import validate_layout\n"
+            "from hyperloop_dist.config import load_config\n"
+            f"cfg = load_config({str(REPO / 'recipes' / 'hyperloop-7b.yaml')!r})\n"
+            "checks = validate_layout(cfg, 1024, 2, 2)\n"
+            "print('SHARDS', [(c.rank, c.tp_rank, c.stage, c.params) for c in checks])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = ast.literal_eval(proc.stdout.split("SHARDS ")[1].strip())
+    assert [(r, t, s) for r, t, s, _ in shards] == [(0, 0, 0), (1, 1, 0), (512, 0, 1), (513, 1, 1)]
+    assert "add up to the model's 6,896.1M parameters" in proc.stdout
