@@ -1,4 +1,5 @@
-"""The ``hyperloop`` command: ``train``, ``data``, ``export``, ``params``, ``submit``, ``plan``.
+"""The ``hyperloop`` command: ``train``, ``data``, ``export``, ``params``, ``submit``, ``plan``, ``sweep``,
+``scaling fit``.
 
 Every subcommand takes an optional recipe (default: the embedded tiny-cpu recipe) followed by
 ``section.field=value`` overrides, validated like the recipe.
@@ -140,6 +141,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hyperloop_dist.cluster.profile import load_profile
+    from hyperloop_dist.cluster.sweep import submit_sweep
+
+    recipe, overrides = _split_recipe(args.config)
+    runs = submit_sweep(recipe, overrides, load_profile(args.cluster), args.grid, args.kinds.split(","),
+                        Path(args.out), dry_run=args.dry_run)
+    for run_dir, job_id in runs:
+        print(f"{job_id}  {run_dir}")
+    print(f"{len(runs)} points {'checked (dry run)' if args.dry_run else 'submitted as one job array'}; "
+          f"fit with: hyperloop scaling fit {args.out}/*/*")
+    return 0
+
+
+def cmd_scaling_fit(args: argparse.Namespace) -> int:
+    from hyperloop_dist.cluster.scaling import fit_runs, format_fits, plot_fits
+
+    points, fits = fit_runs(args.runs)
+    print(format_fits(points, fits))
+    if args.png:
+        print(f"plot written to {plot_fits(points, fits, args.png)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperloop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build every rank's model shard of the best layout on this CPU (meta device, fake process "
                         "group) and check shapes and parameter counts")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("sweep", help="submit a scaling grid (sizes x tokens x kinds) as one SLURM job array")
+    p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
+    p.add_argument("--cluster", required=True, metavar="PROFILE", help="cluster profile (as for submit)")
+    p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                   help="axes, e.g. model.hidden_size=256,512 train.steps=1000,2000")
+    p.add_argument("--kinds", default="hyperloop,transformer", help="model kinds (default hyperloop,transformer)")
+    p.add_argument("--out", default="runs/sweep", help="parent of the points' run directories")
+    p.add_argument("--dry-run", action="store_true", help="check every point's config; submit nothing")
+    p.set_defaults(func=cmd_sweep)
+
+    scaling = sub.add_parser("scaling", help="scaling-law tools").add_subparsers(dest="scaling_command",
+                                                                                required=True)
+    p = scaling.add_parser("fit", help="fit L(N, D) = E + A N^-alpha + B D^-beta per kind from finished runs")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--png", help="also plot the runs and fits to this PNG")
+    p.set_defaults(func=cmd_scaling_fit)
     return parser
 
 
