@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 import time
@@ -98,3 +99,22 @@ def test_submit_runs_and_requeues_after_usr1(slurm: LocalSlurm, tiny_data: list[
         assert {"submit.sbatch", "recipe.yaml", "jobs.txt", "config.yaml", "metrics.jsonl"} <= {
             p.name for p in run.iterdir()}
         assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
+
+
+def test_sweep_runs_a_job_array_through_submitit(slurm: LocalSlurm, tiny_data: list[str], tmp_path: Path) -> None:
+    profile = tmp_path / "local.yaml"
+    profile.write_text("name: local\nmax_nodes: 1\ncpus_per_task: 1\ntime: '00:10:00'\n")
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "hyperloop_dist.cli", "sweep", *tiny_data, "parallel.nproc_per_node=1",
+           "train.micro_batch_size=2", "train.log_interval=1", "data.workers=0", "--cluster", str(profile),
+           "--kinds", "hyperloop", "--out", str(out), "--grid", "train.steps=2,3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=slurm.env, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = re.findall(r"^(\d+_\d+) ", proc.stdout, re.MULTILINE)
+    assert len(jobs) == 2, proc.stdout  # array elements: <id>_<index>
+    for job in jobs:
+        state = slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
+        logs = "".join(p.read_text() for p in (out / "submitit").rglob("*.out"))
+        assert state == "COMPLETED", f"{job}: {state}\n{logs[-3000:]}"
+    for steps in (2, 3):
+        assert max(losses(out / "hyperloop" / f"steps={steps}")) == steps
