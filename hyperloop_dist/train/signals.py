@@ -8,6 +8,7 @@ and leaves with ``REQUEUE_EXIT``, the status the sbatch template treats as "requ
 from __future__ import annotations
 
 import signal
+import threading
 from types import FrameType
 
 import torch
@@ -25,6 +26,8 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def install(self) -> StopRequest:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python delivers signals to the main thread only; nothing to record here
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._record)
         return self
