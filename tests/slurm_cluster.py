@@ -140,23 +140,48 @@ class LocalSlurm:
         return "".join(tails)
 
     def stop(self) -> None:
-        """Cancel every job, then stop slurmd, slurmctld and munged (each by the pid it wrote)."""
+        """Cancel every job and wait for it to leave, stop slurmd, slurmctld and munged (each by the pid it
+        wrote), then end any process still holding a file of this cluster (a job step's slurmstepd, whose
+        slurmd is gone, would otherwise linger)."""
         self.run("scancel", "--full", "--user=root", check=False)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and self.run("squeue", "-h", check=False).stdout.strip():
+            time.sleep(0.25)
         for pid_file in reversed(self._pid_files):
             try:
-                pid = int(pid_file.read_text().strip())
+                _terminate(int(pid_file.read_text().strip()))
             except (OSError, ValueError):
                 continue
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            for _ in range(100):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-            else:
-                os.kill(pid, signal.SIGKILL)
         self._pid_files.clear()
+        for pid in self._processes_using_root():
+            _terminate(pid)
+
+    def _processes_using_root(self) -> list[int]:
+        root, found = str(self.root), []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                if any(os.readlink(fd).startswith(root) for fd in (proc / "fd").iterdir()):
+                    found.append(int(proc.name))
+            except OSError:
+                continue  # gone, or not ours to inspect
+        return found
+
+
+def _terminate(pid: int, wait_s: float = 5.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
