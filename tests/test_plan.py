@@ -70,8 +70,8 @@ def test_plan_ranks_fitting_layouts_and_scales_with_the_cluster(capsys) -> None:
     plain, distopt = by_engine.get((2, 1, "megatron", 1)), by_engine.get((2, 1, "megatron+distopt", 1))
     if plain and distopt:
         assert distopt.state_bytes < plain.state_bytes / 2 and distopt.activation_bytes == plain.activation_bytes
-    # Layouts that the config validation refuses never appear (PP must divide the 20 middle layers).
-    assert all(20 % e.layout.pp == 0 for e in big)
+    # Layouts that the config validation refuses never appear (PP must divide the middle block).
+    assert all(cfg.model.middle_layers % e.layout.pp == 0 for e in big)
     assert not any(e.fits for e in plan(cfg, Hardware(gpus=8, gpu_mem_bytes=16e9)))
 
     assert main(["plan", str(REPO / "recipes" / "hyperloop-1.1b.yaml"), "--gpus", "64", "--gpu-mem", "80GB"]) == 0
