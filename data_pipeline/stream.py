@@ -25,6 +25,7 @@ import contextlib
 import glob
 import json
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -98,6 +99,14 @@ def _undecodable(text: str) -> bool:
     # Bytes that are not UTF-8 arrive as U+FFFD (errors="replace"); a U+FFFD already in the source text is
     # the mark of an earlier failed decode, so it is skipped the same way.
     return "\ufffd" in text
+
+
+def _leave_stop_signals_to_trainer(worker_id: int) -> None:
+    """SLURM signals every process of a job step, loader workers included. A worker killed by USR1 or TERM
+    would fail the batch the trainer is about to checkpoint after; the trainer handles both and workers
+    end with it (DataLoader's watchdog ends a worker whose parent is gone)."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -365,7 +374,8 @@ class StreamLoader:
         dataset = _StreamDataset(sources, tokenizer, seq_len, micro_batch_size, dp_rank, dp_size, n, seed,
                                  self.states, self.consumed % n)
         self._loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                                  prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
+                                  prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
+                                  worker_init_fn=_leave_stop_signals_to_trainer if workers else None)
         self._iter = iter(self._loader)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:

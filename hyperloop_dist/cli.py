@@ -1,4 +1,5 @@
-"""The ``hyperloop`` command: ``train``, ``data``, ``export``, ``params``.
+"""The ``hyperloop`` command: ``train``, ``data``, ``export``, ``params``, ``submit``, ``plan``, ``sweep``,
+``scaling fit``.
 
 Every subcommand takes an optional recipe (default: the embedded tiny-cpu recipe) followed by
 ``section.field=value`` overrides, validated like the recipe.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import Config, ConfigError, load_config
@@ -30,20 +32,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from hyperloop_dist.data.token_windows import prepare_corpus
     from hyperloop_dist.parallel.launch import inside_launcher, launch
+    from hyperloop_dist.train.signals import REQUEUE_EXIT
     from hyperloop_dist.train.trainer import run_training
 
     cfg = _load(args.config)
     if not inside_launcher():
         prepare_corpus(cfg)
     try:
-        launch(cfg, run_training, cfg)
+        results = launch(cfg, run_training, cfg)
     except ChildFailedError as exc:  # the ranks' tracebacks are above; end with the one line that matters
         rank, failure = exc.get_first_failure()
         reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
         print(f"hyperloop: training failed (first failure: rank {rank}, exit code {failure.exitcode}): "
               f"{reason.strip().splitlines()[0] if reason.strip() else 'see the log above'}", file=sys.stderr)
         return 1
-    return 0
+    # Stopped early by SIGUSR1/SIGTERM after a checkpoint: the status the sbatch template requeues on.
+    return REQUEUE_EXIT if any(getattr(r, "stopped_by", None) for r in results) else 0
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -145,6 +149,70 @@ def _export_int4(settings: list[str], source: str, out: str, fmt: str | None) ->
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from hyperloop_dist.cluster.profile import load_profile
+    from hyperloop_dist.cluster.submit import prepare, sbatch, write_run_dir
+
+    recipe, _ = _split_recipe(args.config)
+    job = prepare(_load(args.config), load_profile(args.cluster), Path(recipe).stem if recipe else "tiny-cpu",
+                  run_dir=args.run_dir)
+    if args.dry_run:
+        print(job.script, end="")
+        return 0
+    script = write_run_dir(job)
+    job_id = sbatch(script)
+    print(f"submitted job {job_id}: {script}; log {job.run_dir / 'logs' / f'slurm-{job_id}.out'}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hyperloop_dist.cluster.plan import Hardware, format_plan, parse_mem, plan
+
+    cfg = _load(args.config)
+    if args.gpus < 1 or args.gpus_per_node < 1 or (args.gpus > args.gpus_per_node and args.gpus % args.gpus_per_node):
+        raise ConfigError(f"--gpus={args.gpus} --gpus-per-node={args.gpus_per_node}: use whole nodes")
+    hw = Hardware(gpus=args.gpus, gpu_mem_bytes=parse_mem(args.gpu_mem),
+                  gpus_per_node=min(args.gpus_per_node, args.gpus), mfu=args.mfu,
+                  peak_flops=args.peak_tflops * 1e12)
+    estimates = plan(cfg, hw)
+    print(format_plan(cfg, hw, estimates, top=args.top))
+    if args.validate:
+        from hyperloop_dist.cluster.validate import validate_layout
+
+        fitting = [e for e in estimates if e.fits]
+        if not fitting:
+            raise ConfigError("--validate: no layout fits; nothing to build")
+        lay = fitting[0].layout
+        print(f"validating tp={lay.tp} pp={lay.pp} dp={lay.dp} on {hw.gpus} ranks (fake process group, meta device):")
+        checks = validate_layout(cfg, hw.gpus, lay.tp, lay.pp)
+        print(f"layout constructs: {len(checks)} distinct shards built, each DP replica identical")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from hyperloop_dist.cluster.profile import load_profile
+    from hyperloop_dist.cluster.sweep import submit_sweep
+
+    recipe, overrides = _split_recipe(args.config)
+    runs = submit_sweep(recipe, overrides, load_profile(args.cluster), args.grid, args.kinds.split(","),
+                        Path(args.out), dry_run=args.dry_run)
+    for run_dir, job_id in runs:
+        print(f"{job_id}  {run_dir}")
+    print(f"{len(runs)} points {'checked (dry run)' if args.dry_run else 'submitted as one job array'}; "
+          f"fit with: hyperloop scaling fit {args.out}/*/*")
+    return 0
+
+
+def cmd_scaling_fit(args: argparse.Namespace) -> int:
+    from hyperloop_dist.cluster.scaling import fit_runs, format_fits, plot_fits
+
+    points, fits = fit_runs(args.runs)
+    print(format_fits(points, fits))
+    if args.png:
+        print(f"plot written to {plot_fits(points, fits, args.png)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperloop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,11 +268,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="parameter / FLOP table of a recipe and its baselines")
     p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("submit", help="render the sbatch script for a recipe on a cluster profile and submit it")
+    p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
+    p.add_argument("--cluster", required=True, metavar="PROFILE",
+                   help="cluster profile: a YAML file (cluster/profiles/NAME.yaml) or a shipped profile's name")
+    p.add_argument("--run-dir", help="run directory (default: the recipe's train.run_dir)")
+    p.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("plan", help="per-GPU memory and step time of every TP x PP x DP x engine layout")
+    p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    p.add_argument("--gpu-mem", default="80GB", help="memory per GPU (default 80GB)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8); TP stays inside a node")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOP/s per GPU (H100: 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization assumed (default 0.4)")
+    p.add_argument("--top", type=int, default=12, help="rows to print (default 12)")
+    p.add_argument("--validate", action="store_true",
+                   help="build every rank's model shard of the best layout on this CPU (meta device, fake process "
+                        "group) and check shapes and parameter counts")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("sweep", help="submit a scaling grid (sizes x tokens x kinds) as one SLURM job array")
+    p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
+    p.add_argument("--cluster", required=True, metavar="PROFILE", help="cluster profile (as for submit)")
+    p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                   help="axes, e.g. model.hidden_size=256,512 train.steps=1000,2000")
+    p.add_argument("--kinds", default="hyperloop,transformer", help="model kinds (default hyperloop,transformer)")
+    p.add_argument("--out", default="runs/sweep", help="parent of the points' run directories")
+    p.add_argument("--dry-run", action="store_true", help="check every point's config; submit nothing")
+    p.set_defaults(func=cmd_sweep)
+
+    scaling = sub.add_parser("scaling", help="scaling-law tools").add_subparsers(dest="scaling_command",
+                                                                                required=True)
+    p = scaling.add_parser("fit", help="fit L(N, D) = E + A N^-alpha + B D^-beta per kind from finished runs")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--png", help="also plot the runs and fits to this PNG")
+    p.set_defaults(func=cmd_scaling_fit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow the options (`hyperloop submit R --cluster P train.steps=5`).
+    if extra and hasattr(args, "config") and all("=" in e and not e.startswith("-") for e in extra):
+        args.config += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except ConfigError as exc:

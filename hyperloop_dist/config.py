@@ -253,9 +253,19 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
                 kwargs[key] = [_build(item, v, f"{path}[{i}].") for i, v in enumerate(value)]
             else:
                 kwargs[key] = [_check_type(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+        elif typing.get_origin(annotation) is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+            _, item = typing.get_args(annotation)
+            kwargs[key] = {str(k): _check_type(f"{path}.{k}", v, item) for k, v in value.items()}
         else:
             kwargs[key] = _check_type(path, value, annotation)
     return cls(**kwargs)
+
+
+def build_section(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build and type-check any config-style dataclass (e.g. a cluster profile) from a YAML mapping."""
+    return _build(cls, data, prefix)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -21,16 +21,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg: Config, entrypoint: Callable[..., object], *args: object) -> None:
+def launch(cfg: Config, entrypoint: Callable[..., object], *args: object) -> list[object]:
     """Run ``entrypoint(*args)`` on every rank of this node.
 
     Inside torchrun/srun: call it directly (this process is one rank). Otherwise start
     ``parallel.nproc_per_node`` local processes with torch's elastic launcher (used as a library) on a
-    free loopback port; ``nnodes > 1`` needs a cluster launcher.
+    free loopback port; ``nnodes > 1`` needs a cluster launcher. Returns what the entrypoint returned on
+    the ranks this process saw (its own, or each local rank's).
     """
     if inside_launcher():
-        entrypoint(*args)
-        return
+        return [entrypoint(*args)]
     if cfg.parallel.nnodes != 1:
         raise SystemExit(
             f"parallel.nnodes={cfg.parallel.nnodes}: a multi-node run is started by torchrun/srun on every node "
@@ -45,4 +45,4 @@ def launch(cfg: Config, entrypoint: Callable[..., object], *args: object) -> Non
         rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0, monitor_interval=0.5,
         start_method="spawn",
     )
-    elastic_launch(config, entrypoint)(*args)
+    return list(elastic_launch(config, entrypoint)(*args).values())

@@ -24,6 +24,7 @@ from hyperloop_dist.parallel.distributed import RankInfo, init_distributed, shut
 from hyperloop_dist.parallel.pipeline import CircularPipeline
 from hyperloop_dist.train.metrics import MetricsLogger, window_mean
 from hyperloop_dist.train.nonfinite import BadStepTracker, TrainingDiverged, all_finite, poison
+from hyperloop_dist.train.signals import StopRequest
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -40,6 +41,7 @@ class TrainResult:
     final_step: int
     losses: list[float]
     tokens_per_s: float
+    stopped_by: str | None = None  # a scheduler signal ended the run early, after a checkpoint
 
 
 def build_training(cfg: Config) -> tuple[DistributedDataParallel, MegatronOptimizer, OptimizerParamScheduler]:
@@ -177,6 +179,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     tracker = BadStepTracker(cfg.train.max_bad_steps)
     tick, t_start, tokens_seen = time.perf_counter(), time.perf_counter(), 0
     step = start_step
+    stop, stopped_by = StopRequest().install(), None
     try:
         for step in range(start_step, cfg.train.steps):
             if ddp is None:
@@ -217,12 +220,20 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
                 if record:
                     logger.log(record)
                     say(evaluator.progress_line(record))
-            if cfg.train.save_interval and done % cfg.train.save_interval == 0 and done != cfg.train.steps:
+            periodic = cfg.train.save_interval and done % cfg.train.save_interval == 0
+            if periodic and done != cfg.train.steps:
                 _save(cfg, run_dir, done, model, optimizer, scheduler, info, data)
+            if done != cfg.train.steps and stop.agreed(cpu_shim.device()):
+                stopped_by = stop.name
+                say(f"{stopped_by}: stopping after step {done}; saving a checkpoint to resume from")
+                if not periodic:
+                    _save(cfg, run_dir, done, model, optimizer, scheduler, info, data)
+                break
         final = cfg.train.steps
         if step + 1 == final and final > start_step:
             _save(cfg, run_dir, final, model, optimizer, scheduler, info, data)
     finally:
+        stop.uninstall()
         logger.close()
     elapsed = time.perf_counter() - t_start
     tps = tokens_seen / max(elapsed, 1e-9)
@@ -234,7 +245,8 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
             ("model", f"{cfg.model.kind} ({n_params:,} params)"),
             *([("data (rank 0)", f"{stats['documents']:,} documents, {stats['tokens']:,} tokens read, "
                                  f"{skipped:,} bad records skipped")] if stats else []),
-            ("steps", f"{start_step} -> {cfg.train.steps}"),
+            ("steps", f"{start_step} -> {step + 1}" + (f" of {cfg.train.steps}, stopped by {stopped_by}"
+                                                      if stopped_by else "")),
             (f"loss, first {n} steps (mean)", f"{window_mean(losses, True, n):.4f}"),
             (f"loss, last {n} steps (mean)", f"{window_mean(losses, False, n):.4f}"),
             ("tokens/s", f"{tps:,.0f}"),
@@ -246,7 +258,8 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
         ])
     else:
         say(f"nothing to do: {run_dir} already holds a checkpoint at step {start_step} >= train.steps")
-    return TrainResult(final_step=cfg.train.steps, losses=losses, tokens_per_s=tps)
+    return TrainResult(final_step=step + 1 if stopped_by else cfg.train.steps, losses=losses, tokens_per_s=tps,
+                       stopped_by=stopped_by)
 
 
 def _evaluator(cfg: Config, model: torch.nn.Module, pipeline: CircularPipeline | None, info: RankInfo,
