@@ -6,15 +6,18 @@ Formats are tried in order; each is a ``(name, detect, load)`` entry of :data:`L
 * ``checkpoint``: a training checkpoint or a run directory (its latest good checkpoint), consolidated in
   memory through the release code (any TP / PP / DP layout, Megatron or FSDP engine).
 
-Another format (the INT4 export of issue #7) plugs in with :func:`register_loader`; it returns a
-:class:`LoadedModel` whose ``model`` maps tokens ``[b, s]`` to logits ``[b, s, vocab]``.
+* ``int4-release``: ``hyperloop export --int4`` output (compressed-tensors W4A16), loaded through
+  ``transformers`` and dequantized; its table rows add the bf16 loss measured at export and both sizes.
+
+Another format plugs in with :func:`register_loader`; it returns a :class:`LoadedModel` whose ``model``
+maps tokens ``[b, s]`` to logits ``[b, s, vocab]``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ class LoadedModel:
     cfg: ModelConfig
     tokenizer_path: Path
     source: str  # what was loaded, for tables
+    notes: list[tuple[str, str]] = field(default_factory=list)  # extra summary-table rows about the source
 
     @property
     def tokenizer(self):
@@ -83,7 +87,30 @@ def _load_checkpoint(path: Path) -> LoadedModel:
     return LoadedModel(model.eval(), cfg, checkpoint / "tokenizer.model", f"checkpoint {checkpoint}")
 
 
+def _is_int4_release(path: Path) -> bool:
+    from hyperloop_dist.export.compressed import is_int4_release
+
+    return is_int4_release(path)
+
+
+def _load_int4_release(path: Path) -> LoadedModel:
+    from hyperloop_dist.export.compressed import WEIGHTS, load_int4_release
+
+    model = load_int4_release(path)
+    info = json.loads((path / "config.json").read_text()).get("int4", {})
+    notes = [("INT4", f"{info.get('method', '?')}, group size {info.get('group_size', '?')}, "
+                      f"{(path / WEIGHTS).stat().st_size / 1e6:.2f} MB on disk")]
+    if "bf16_heldout_loss" in info:
+        notes.append(("at export (same held-out windows)",
+                      f"bf16 {info['bf16_heldout_loss']:.4f} vs INT4 {info['heldout_loss']:.4f} "
+                      f"(gap {info['heldout_loss'] - info['bf16_heldout_loss']:+.4f}, {info['heldout_tokens']:,} tokens)"))
+    if "bf16_weights_bytes" in info:
+        notes.append(("bf16 weights would take", f"{info['bf16_weights_bytes'] / 1e6:.2f} MB"))
+    return LoadedModel(model, model.cfg, path / "tokenizer.model", f"INT4 release {path}", notes)
+
+
 LOADERS: list[tuple[str, Callable[[Path], bool], Callable[[Path], LoadedModel]]] = [
+    ("int4-release", _is_int4_release, _load_int4_release),
     ("release", _is_release, _load_release),
     ("checkpoint", _is_checkpoint, _load_checkpoint),
 ]

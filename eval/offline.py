@@ -29,9 +29,10 @@ class OfflineResult:
     trained_loops: int
     loss_by_loops: dict[int, float] = field(default_factory=dict)  # K -> held-out loss after K loops
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # rows about the source (INT4: bf16 loss, sizes)
 
     def rows(self) -> list[tuple[str, str]]:
-        rows = [("model", self.source),
+        rows = [("model", self.source), *self.notes,
                 ("held-out loss", f"{self.heldout_loss:.4f} (ppl {math.exp(min(self.heldout_loss, 50)):.1f}, "
                                   f"{self.heldout_tokens:,} tokens)")]
         for k, loss in self.loss_by_loops.items():
@@ -69,7 +70,7 @@ def evaluate_checkpoint(path: str | Path, config_args: list[str] | None = None, 
         raise EvalError(f"no held-out text: {exc}; name the data after the checkpoint, e.g. "
                         f"`hyperloop eval {path} data.corpus=dir data.dir=DIR`") from None
     total, count = heldout_nll(reference_token_nll(loaded.model), data, batch_size)
-    result = OfflineResult(loaded.source, float(total.sum()) / count, count, m.loops)
+    result = OfflineResult(loaded.source, float(total.sum()) / count, count, m.loops, notes=loaded.notes)
     if m.kind in LOOPED_KINDS and hasattr(loaded.model, "middle"):
         from hyperloop_dist.evaluation.loops import loop_nll, reference_parts
 

@@ -168,7 +168,7 @@ def test_bad_export_settings_name_the_field(cfg, trained) -> None:
         load_config(None, ["export.quantize_head=true"])
 
 
-def test_cli_exports_int4_from_a_run_directory(run: Path, tmp_path: Path) -> None:
+def test_cli_exports_int4_from_a_run_directory(run: Path, tiny_data: list[str], tmp_path: Path) -> None:
     """`hyperloop export --int4` on the run: table with both losses and sizes; refuses an INT4 source."""
     out = tmp_path / "int4"
     cmd = [sys.executable, "-m", "hyperloop_dist.cli", "export", "--int4", "method=gptq", f"group_size={GROUP}",
@@ -182,6 +182,15 @@ def test_cli_exports_int4_from_a_run_directory(run: Path, tmp_path: Path) -> Non
     assert info["int4"]["method"] == "gptq" and (out / "tokenizer.model").is_file() and (out / "model.gguf").is_file()
     again = subprocess.run([*cmd[:-2], str(out), str(tmp_path / "again")], capture_output=True, text=True)
     assert again.returncode == 2 and "already an INT4 release" in again.stderr
+
+    # `hyperloop eval` on the INT4 release: its own held-out loss next to the bf16 figure and both sizes.
+    results = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "hyperloop_dist.cli", "eval", str(out), *tiny_data, "--windows", "8",
+                           "--out", str(results)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "INT4 release" in proc.stdout and "bf16 weights would take" in proc.stdout
+    assert f"bf16 {info['int4']['bf16_heldout_loss']:.4f} vs INT4" in proc.stdout
+    assert json.loads(results.read_text())["heldout_loss"] == pytest.approx(info["int4"]["heldout_loss"], abs=1e-4)
 
 
 def test_release_loads_through_transformers_with_reference_logits(run: Path, cfg, tmp_path: Path) -> None:

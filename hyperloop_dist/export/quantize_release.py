@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hyperloop_dist.checkpoint.release import load_release, release_config
 from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import Config, load_config, validate_export
+from hyperloop_dist.evaluation.heldout import heldout_windows
+from hyperloop_dist.evaluation.heldout import reference_heldout_loss as heldout_loss
 from hyperloop_dist.export.compressed import WEIGHTS, is_int4_release, load_int4_release, write_int4_release
 from hyperloop_dist.export.int4 import (
     STORAGE_DTYPE,
@@ -73,30 +74,6 @@ def calibration_batches(cfg: Config) -> list[torch.Tensor]:
     prepare_corpus(cfg, log=lambda *_: None)
     batches = make_batches(cfg, dp_rank=0, dp_size=1)
     return [batches.next(step, 0)[0] for step in range(cfg.export.calibration_batches)]
-
-
-# merge: replace with hyperloop_dist.evaluation.heldout (heldout_windows / reference_heldout_loss)
-def heldout_windows(cfg: Config, n: int) -> torch.Tensor:
-    """Up to ``n`` consecutive held-out windows ``[m, seq + 1]`` of the pipeline's held-out split."""
-    from hyperloop_dist.data.token_windows import load_tokens, prepare_corpus
-
-    tokens = load_tokens(prepare_corpus(cfg, log=lambda *_: None), "heldout")
-    seq = cfg.model.seq_length
-    m = min(n, (len(tokens) - 1) // seq)
-    if m < 1:
-        raise ValueError(f"the held-out split has {len(tokens)} tokens, fewer than one window of {seq + 1}")
-    return torch.stack([torch.from_numpy(tokens[i * seq:i * seq + seq + 1].astype("int64")) for i in range(m)])
-
-
-# merge: replace with hyperloop_dist.evaluation.heldout.reference_heldout_loss
-def heldout_loss(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for rows in windows.split(batch_size):
-            logits = model(rows[:, :-1]).float()
-            total += F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").item()
-            count += rows[:, 1:].numel()
-    return total / count
 
 
 def quantized_layer_bytes(weights_file: str | Path) -> tuple[int, int]:
@@ -160,12 +137,13 @@ def export_int4(source: str | Path, out: str | Path, overrides: list[str] | None
         f"{f', {len(calibration)} calibration batches' if calibration else ''})")
     quantized = quantize_model(model, e, calibration)
     fake = apply_fake_quantized(copy.deepcopy(model), quantized)
-    windows = heldout_windows(cfg, e.heldout_windows)
+    windows = heldout_windows(cfg, e.heldout_windows, tokenizer=tokenizer)
     bf16_loss = heldout_loss(storage_rounded(copy.deepcopy(model)), windows)
     int4_loss = heldout_loss(fake, windows)
     write_int4_release(model, quantized, e, out, tokenizer,
                        extra={"heldout_loss": int4_loss, "bf16_heldout_loss": bf16_loss,
-                              "heldout_tokens": windows[:, 1:].numel(), "export": dataclasses.asdict(e)})
+                              "heldout_tokens": windows[:, 1:].numel(), "bf16_weights_bytes": bf16_weights_bytes(model),
+                              "export": dataclasses.asdict(e)})
     if e.format == "gguf":
         from hyperloop_dist.export.gguf_container import GGUF_FILE, write_gguf
 
