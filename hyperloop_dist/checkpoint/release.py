@@ -67,6 +67,10 @@ def load_megatron_weights(checkpoint: Path) -> tuple[ModelConfig, dict[str, torc
 
         state = {"model": {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}}
         dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
+    elif (checkpoint / "deepspeed").is_dir():  # engine deepspeed: DeepSpeed's zero_to_fp32 gathers the shards
+        from hyperloop_dist.parallel.zero import consolidated_state_dict
+
+        state = {"model": consolidated_state_dict(checkpoint)}
     else:
         with cpu_shim.device_mode():
             state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint / "dist"))
