@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,8 @@ def build_deepspeed_training(cfg: Config) -> tuple[DeepSpeedEngine, Any, Optimiz
     from megatron.core import parallel_state
 
     deepspeed = import_deepspeed()
+    # DeepSpeed 0.19.8 calls the deprecated name on every gather; nothing for us to act on, once per step.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     model = build_model(cfg.model, tp=cfg.parallel.tp, precision=cfg.train.precision,
                         recompute=cfg.train.recompute == "loop", seed=cfg.train.seed)
     if cpu_shim.cuda_available():
