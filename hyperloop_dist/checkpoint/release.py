@@ -70,7 +70,7 @@ def load_megatron_weights(checkpoint: Path) -> tuple[ModelConfig, dict[str, torc
     elif (checkpoint / "deepspeed").is_dir():  # engine deepspeed: DeepSpeed's zero_to_fp32 gathers the shards
         from hyperloop_dist.parallel.zero import consolidated_state_dict
 
-        state = {"model": consolidated_state_dict(checkpoint)}
+        state = {"model": consolidated_state_dict(checkpoint, model)}
     else:
         with cpu_shim.device_mode():
             state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint / "dist"))

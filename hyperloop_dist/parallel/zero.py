@@ -42,6 +42,18 @@ def import_deepspeed() -> types.ModuleType:
     return deepspeed
 
 
+def prebuild_ops() -> None:
+    """Compile (once, into ~/.cache/torch_extensions) the op DeepSpeed's CPU accelerator loads when its
+    communication backend starts: the shared-memory all-reduce, used only by DeepSpeed inference but built
+    by every CPU run. Without this the first CPU run compiles it itself (about 2 CPU minutes)."""
+    if cpu_shim.cuda_available():
+        return
+    import_deepspeed()
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 class MegatronMpu:
     """Megatron-core's ``parallel_state`` under the names DeepSpeed's ``mpu`` argument is called with.
 
@@ -190,11 +202,49 @@ def _allowed_globals() -> list[type]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The full fp32 model (Megatron names) from a ZeRO checkpoint of any stage, in one process."""
+def consolidated_state_dict(step_dir: Path, model: HyperloopModel) -> dict[str, torch.Tensor]:
+    """The full fp32 model (Megatron names) from a ZeRO checkpoint of any stage and TP size, in one process.
+
+    DeepSpeed's ``zero_to_fp32`` gathers the ZeRO partitions of one model-parallel rank; with TP each rank's
+    files are gathered apart (through a directory of links to them) and the TP shards are joined as
+    Megatron split them, read from ``model`` (built at TP = 1, where Megatron still marks each split weight).
+    """
+    import tempfile
+
+    from hyperloop_dist.checkpoint.training_state import read_meta
+
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    screen_pickles(step_dir / CHECKPOINT_DIR)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir / CHECKPOINT_DIR), tag=TAG)
-    return {k: v.float() for k, v in state.items()}
+    root = step_dir / CHECKPOINT_DIR
+    screen_pickles(root)
+    tp = read_meta(step_dir)["layout"]["tp"]
+    if tp == 1:
+        return {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(root), tag=TAG).items()}
+    shards = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rank in range(tp):
+            one = Path(tmp) / f"mp_{rank}"
+            (one / TAG).mkdir(parents=True)
+            for f in (root / TAG).glob(f"*mp_rank_{rank:02d}_*.pt"):
+                (one / TAG / f.name).symlink_to(f.resolve())
+            shards.append(get_fp32_state_dict_from_zero_checkpoint(str(one), tag=TAG))
+    return join_tensor_parallel(shards, model)
+
+
+def join_tensor_parallel(shards: list[dict[str, torch.Tensor]], model: HyperloopModel) -> dict[str, torch.Tensor]:
+    """One state dict from TP ranks' state dicts (rank order); replicated tensors are taken from rank 0."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, first in shards[0].items():
+        param = params.get(name)
+        if param is None or not getattr(param, "tensor_model_parallel", False):
+            out[name] = first.float()
+            continue
+        parts = [shard[name].float() for shard in shards]
+        if name.endswith("mlp.linear_fc1.weight") and model.config.gated_linear_unit:
+            # SwiGLU: each rank holds [its gate rows; its up rows], the whole weight is [all gates; all ups].
+            halves = [part.chunk(2, dim=0) for part in parts]
+            parts = [h[0] for h in halves] + [h[1] for h in halves]
+        out[name] = torch.cat(parts, dim=param.partition_dim)
+    return out
