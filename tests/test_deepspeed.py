@@ -130,13 +130,13 @@ def test_resume_on_another_layout_is_refused_with_the_way_out(runs: dict) -> Non
 def test_pickles_beyond_the_allowlist_are_refused(runs: dict, tmp_path: Path) -> None:
     """DeepSpeed unpickles its files with weights_only=False: anything but tensors and its plain records is
     stopped before that."""
-    import argparse
+    import fractions
 
     from hyperloop_dist.parallel.zero import screen_pickles
 
     shutil.copytree(checkpoint(runs[1], 3) / "deepspeed", tmp_path / "ds")
     screen_pickles(tmp_path / "ds")  # DeepSpeed's own files pass
-    torch.save({"x": argparse.Namespace(a=1)}, tmp_path / "ds" / "zero" / "evil_optim_states.pt")
+    torch.save({"x": fractions.Fraction(1, 3)}, tmp_path / "ds" / "zero" / "evil_optim_states.pt")
     with pytest.raises(CheckpointError, match="evil_optim_states.pt: refused"):
         screen_pickles(tmp_path / "ds")
 

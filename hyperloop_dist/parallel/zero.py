@@ -148,10 +148,6 @@ def deepspeed_step(engine: DeepSpeedEngine, batches: list[tuple[torch.Tensor, to
     return float(total) / dist.get_world_size(group), float("nan") if grad_norm is None else float(grad_norm)
 
 
-def unwrap(engine: DeepSpeedEngine) -> HyperloopModel:
-    return engine.module
-
-
 # --------------------------------------------------------------------------- checkpoints
 
 
