@@ -19,7 +19,8 @@ COMMON = ["data.loader=windows", f"train.steps={STEPS}", "train.save_interval=3"
 SINGLE = ["parallel.nproc_per_node=1", "train.grad_accum=2"]  # the same 8 windows per step on one process
 # ZeRO-2 runs with per-loop activation recompute: the looped middle block's weights are used L times per
 # step and recomputed in backward, the case DeepSpeed issues #988 / #2103 report as "gradient computed twice".
-STAGES = {1: [], 2: ["train.recompute=loop"], 3: []}
+# It also offloads the optimizer (ZeRO-Offload: state and step on the CPU copy).
+STAGES = {1: [], 2: ["train.recompute=loop", "parallel.offload_optimizer=true"], 3: []}
 
 
 # Tensor parallel through Megatron's parallel state as DeepSpeed's mpu: TP 2 x DP 1, two micro-batches.
