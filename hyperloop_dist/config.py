@@ -88,6 +88,8 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False  # start DP gradient reduction per bucket during the backward pass
     fsdp_shard: str = "full"  # engine fsdp: full (over all ranks) or hybrid (within a node, replicated across)
     fsdp_reshard_middle: bool = False  # engine fsdp: free the looped middle block's weights between loops
+    zero_stage: int = 1  # engine deepspeed: 1 optimizer state, 2 + gradients, 3 + parameters sharded
+    offload_optimizer: bool = False  # engine deepspeed: optimizer state and step on the CPU (ZeRO-Offload)
     backend: str = "auto"  # auto = nccl with CUDA, gloo without
     timeout_s: int = 600
 
@@ -345,6 +347,29 @@ def _positive(path: str, value: float, zero_ok: bool = False) -> None:
     _require(ok, f"{path}={value!r}: must be {'>= 0' if zero_ok else '> 0'}")
 
 
+def _validate_deepspeed(cfg: Config) -> None:
+    p = cfg.parallel
+    _one_of("parallel.zero_stage", p.zero_stage, (1, 2, 3))
+    if p.engine != "deepspeed":
+        _require(p.zero_stage == 1 and not p.offload_optimizer,
+                 f"parallel.zero_stage={p.zero_stage} / parallel.offload_optimizer={p.offload_optimizer} are "
+                 f"deepspeed-engine settings (engine is {p.engine!r}); set parallel.engine=deepspeed (the megatron "
+                 "engine's ZeRO-1 is parallel.distributed_optimizer=true)")
+        return
+    _require(p.pp == 1, f"parallel.engine='deepspeed' with pp={p.pp}: the loop-aware pipeline is a megatron-engine "
+                        "feature (DeepSpeed's own pipeline cannot share the middle block's weights across stages); "
+                        "use parallel.engine=megatron for PP")
+    _require(p.tp == 1 or p.zero_stage < 3,
+             f"parallel.engine='deepspeed' with tp={p.tp} and zero_stage=3: ZeRO-3 would shard Megatron's "
+             "tensor-parallel weights a second time; use zero_stage=1 or 2 with TP")
+    _require(not p.distributed_optimizer and not p.overlap_grad_reduce,
+             "parallel.distributed_optimizer / parallel.overlap_grad_reduce are megatron-engine settings; "
+             "with parallel.engine=deepspeed use parallel.zero_stage")
+    _require(p.fsdp_shard == "full" and not p.fsdp_reshard_middle,
+             "parallel.fsdp_shard / parallel.fsdp_reshard_middle are fsdp-engine settings; remove them with "
+             "parallel.engine=deepspeed")
+
+
 def validate(cfg: Config) -> None:
     m, p, o, d, t = cfg.model, cfg.parallel, cfg.optim, cfg.data, cfg.train
     _one_of("model.kind", m.kind, KINDS)
@@ -367,7 +392,7 @@ def validate(cfg: Config) -> None:
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.init_std", m.init_std)
 
-    _one_of("parallel.engine", p.engine, ("megatron", "fsdp"))
+    _one_of("parallel.engine", p.engine, ("megatron", "fsdp", "deepspeed"))
     _one_of("parallel.fsdp_shard", p.fsdp_shard, ("full", "hybrid"))
     if p.engine == "fsdp":
         _require(p.tp == 1 and p.pp == 1, f"parallel.engine='fsdp' with tp={p.tp}, pp={p.pp}: the fsdp engine "
@@ -375,6 +400,7 @@ def validate(cfg: Config) -> None:
         _require(not p.distributed_optimizer and not p.overlap_grad_reduce,
                  "parallel.distributed_optimizer / parallel.overlap_grad_reduce are Megatron-engine settings; "
                  "FSDP shards optimizer state and overlaps reduce-scatter by itself")
+    _validate_deepspeed(cfg)
     _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
     for name in ("nproc_per_node", "nnodes", "tp", "pp", "timeout_s"):
         _positive(f"parallel.{name}", getattr(p, name))

@@ -69,6 +69,10 @@ def load_megatron_weights(checkpoint: Path) -> tuple[ModelConfig, dict[str, torc
         check_dcp_metadata(checkpoint / "dcp")
         state = {"model": {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}}
         dcp.load(state, checkpoint_id=str(checkpoint / "dcp"))
+    elif (checkpoint / "deepspeed").is_dir():  # engine deepspeed: DeepSpeed's zero_to_fp32 gathers the shards
+        from hyperloop_dist.parallel.zero import consolidated_state_dict
+
+        state = {"model": consolidated_state_dict(checkpoint, model)}
     else:
         check_dcp_metadata(checkpoint / "dist")
         with cpu_shim.device_mode():

@@ -2,14 +2,16 @@
 
 ``dist/``: model and optimizer as ``megatron.core.dist_checkpointing`` (torch_dist) shards, so a
 checkpoint saved under one TP / PP / DP layout loads under another (engine megatron); ``dcp/``: the same as
-torch Distributed Checkpoint shards (engine fsdp; loads under any number of ranks). ``rng/rank_XXXXX.pt``: each rank's CPU RNG
+torch Distributed Checkpoint shards (engine fsdp; loads under any number of ranks); ``deepspeed/``: DeepSpeed's
+own ZeRO checkpoint (engine deepspeed; resumes on the layout that saved it, see parallel/zero.py). ``rng/rank_XXXXX.pt``: each rank's CPU RNG
 and Megatron RNG-tracker states (restored when the layout is unchanged). ``meta.json``: format version,
 step, optimizer step, LR-scheduler state, the layout and the model config. ``data/dp_XXXXX.json``: the
 streaming pipeline's position of each data-parallel replica. ``config.yaml`` and
 ``tokenizer.model``: the run's recipe and tokenizer.
 
 Nothing is unpickled beyond tensors and plain values (``torch.load(weights_only=True)``; torch_dist shards
-are read by Megatron's loader).
+are read by Megatron's loader). DeepSpeed reads its own files with ``weights_only=False``; we open each
+with ``weights_only=True`` and a short allowlist first (:func:`hyperloop_dist.parallel.zero.screen_pickles`).
 """
 
 from __future__ import annotations
@@ -110,6 +112,10 @@ def write(directory: Path, cfg: Config, step: int, model: HyperloopModel, optimi
         import torch.distributed.checkpoint as dcp
 
         dcp.save(_fsdp_state(model, optimizer), checkpoint_id=str(directory / "dcp"))
+    elif cfg.parallel.engine == "deepspeed":
+        from hyperloop_dist.parallel import zero
+
+        zero.save(model, directory)
     else:
         with cpu_shim.device_mode():
             dist_checkpointing.save(_sharded_state(model, optimizer, loading=False), str(directory / "dist"))
@@ -166,6 +172,17 @@ def check_compatible(meta: dict, cfg: Config, path: Path, windows_per_step: int 
         )
 
 
+ENGINE_DIRS = {"dist": "megatron", "dcp": "fsdp", "deepspeed": "deepspeed"}
+
+
+def checkpoint_engine(path: Path) -> str:
+    """Which engine wrote a checkpoint, from the directory its model shards are in."""
+    found = [engine for sub, engine in ENGINE_DIRS.items() if (path / sub).is_dir()]
+    if len(found) != 1:
+        raise CheckpointError(f"{path}: expected exactly one of {', '.join(ENGINE_DIRS)}/, found {found or 'none'}")
+    return found[0]
+
+
 def load(path: Path, cfg: Config, model: HyperloopModel, optimizer: MegatronOptimizer,
          scheduler: OptimizerParamScheduler, windows_per_step: int) -> int:
     """Restore model, optimizer, scheduler (and RNG when the layout is unchanged); return the step."""
@@ -175,10 +192,11 @@ def load(path: Path, cfg: Config, model: HyperloopModel, optimizer: MegatronOpti
 
     meta = read_meta(path)
     check_compatible(meta, cfg, path, windows_per_step)
+    saved = checkpoint_engine(path)
+    if saved != cfg.parallel.engine:
+        raise CheckpointError(f"{path} was written by the {saved} engine; resume it with parallel.engine={saved} "
+                              "(or export a release and start from its weights)")
     if cfg.parallel.engine == "fsdp":
-        if not (path / "dcp").is_dir():
-            raise CheckpointError(f"{path} was written by the megatron engine; resume it with "
-                                  "parallel.engine=megatron (or export a release and start from its weights)")
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -187,9 +205,11 @@ def load(path: Path, cfg: Config, model: HyperloopModel, optimizer: MegatronOpti
         state = _fsdp_state(model, optimizer)
         dcp.load(state, checkpoint_id=str(path / "dcp"))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    elif cfg.parallel.engine == "deepspeed":
+        from hyperloop_dist.parallel import zero
+
+        zero.load(model, path, meta["layout"], layout(cfg, windows_per_step))
     else:
-        if not (path / "dist").is_dir():
-            raise CheckpointError(f"{path} was written by the fsdp engine; resume it with parallel.engine=fsdp")
         check_dcp_metadata(path / "dist")
         prepare_adam_state_for_loading(optimizer)
         with cpu_shim.device_mode():

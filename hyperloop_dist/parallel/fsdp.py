@@ -19,6 +19,7 @@ from hyperloop_dist.config import Config
 from hyperloop_dist.model.hyperloop import HyperloopModel, build_model
 from hyperloop_dist.parallel import cpu_shim
 from hyperloop_dist.train.nonfinite import all_finite, poison
+from hyperloop_dist.train.torch_optim import adamw, lr_scheduler
 
 if TYPE_CHECKING:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -50,23 +51,10 @@ def shard_model(model: HyperloopModel, cfg: Config) -> HyperloopModel:
 
 
 def build_fsdp_training(cfg: Config) -> tuple[HyperloopModel, torch.optim.Optimizer, OptimizerParamScheduler]:
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     model = build_model(cfg.model, seed=cfg.train.seed, recompute=cfg.train.recompute == "loop")
     shard_model(model, cfg)
-    o = cfg.optim
-    # As Megatron's optimizer: no weight decay on norms, biases and other vectors.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}],
-        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-    )
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
-        lr_decay_steps=max(cfg.train.steps, o.warmup_steps + 1), lr_decay_style=o.schedule,
-        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=cfg.train.steps, wd_incr_style="constant",
-    )
+    optimizer = adamw(cfg, model.parameters())
+    scheduler = lr_scheduler(cfg, optimizer)
     return model, optimizer, scheduler
 
 

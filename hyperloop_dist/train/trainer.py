@@ -154,6 +154,11 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
 
         ddp = None  # FSDP2 shards the model in place: no wrapper
         model, optimizer, scheduler = build_fsdp_training(cfg)
+    elif cfg.parallel.engine == "deepspeed":
+        from hyperloop_dist.parallel.zero import build_deepspeed_training
+
+        ddp = None  # the DeepSpeed engine is called like the model and checkpoints itself
+        model, optimizer, scheduler = build_deepspeed_training(cfg)
     else:
         ddp, optimizer, scheduler = build_training(cfg)
         model = unwrap(ddp)
@@ -165,7 +170,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
         data_state = training_state.load_data_state(resume_from, info.dp_rank)
         say(f"resumed from {resume_from} at step {start_step}")
     data = make_batches(cfg, info.dp_rank, info.dp_size, data_state)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full sizes
     where = "" if cfg.parallel.tp == cfg.parallel.pp == 1 else " on rank 0 (its TP shard of pipeline stage 0)"
     say(f"{cfg.model.kind}: {n_params:,} parameters{where} | {info.world_size} ranks (tp={cfg.parallel.tp}, "
         f"pp={cfg.parallel.pp}, dp={info.dp_size}) | "
@@ -184,9 +189,17 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
         for step in range(start_step, cfg.train.steps):
             if ddp is None:
                 from hyperloop_dist.parallel.fsdp import fsdp_step
+                from hyperloop_dist.parallel.zero import deepspeed_step
 
-                loss, grad_norm, bad_micro = fsdp_step(cfg, model, optimizer,
-                                                       [data.next(step, m) for m in range(cfg.train.grad_accum)], step)
+                batches = [data.next(step, m) for m in range(cfg.train.grad_accum)]
+                if cfg.parallel.engine == "deepspeed":
+                    loss, grad_norm = deepspeed_step(model, batches)
+                    bad_micro = []
+                    if not all_finite(loss):  # DeepSpeed applied that update inside engine.step(): stop now
+                        raise TrainingDiverged(f"step {step + 1}: non-finite loss under the deepspeed engine, which "
+                                               "cannot skip an update; resume from the last checkpoint")
+                else:
+                    loss, grad_norm, bad_micro = fsdp_step(cfg, model, optimizer, batches, step)
             else:
                 loss, grad_norm, bad_micro = train_step(cfg, ddp, optimizer, data, step, info, pipeline)
             scheduler.step(increment=1)  # a skipped step still consumed its data and its place in the schedule
@@ -281,9 +294,14 @@ def state_bytes(model: torch.nn.Module, optimizer: object) -> int:
 
     def local(t: torch.Tensor) -> int:
         t = t.to_local() if hasattr(t, "to_local") else t
-        return t.numel() * t.element_size()
+        # ZeRO-3 keeps a rank's shard in ds_tensor (and the whole tensor only while gathered or persistent).
+        shard = t.ds_tensor.numel() * t.ds_tensor.element_size() if hasattr(t, "ds_tensor") else 0
+        return t.numel() * t.element_size() + shard
 
     total = sum(local(p) for p in model.parameters())
+    if type(optimizer).__module__.startswith("deepspeed."):
+        # DeepSpeed's ZeRO optimizers step fp32 copies of this rank's partition: they are extra state.
+        total += sum(local(p) for opt in torch_optimizers(optimizer) for g in opt.param_groups for p in g["params"])
     for opt in torch_optimizers(optimizer):
         total += sum(local(v) for state in opt.state.values() for v in state.values()
                      if isinstance(v, torch.Tensor) and v.dim() > 0)
