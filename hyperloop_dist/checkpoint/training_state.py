@@ -10,8 +10,8 @@ streaming pipeline's position of each data-parallel replica. ``config.yaml`` and
 ``tokenizer.model``: the run's recipe and tokenizer.
 
 Nothing is unpickled beyond tensors and plain values (``torch.load(weights_only=True)``; torch_dist shards
-are read by Megatron's loader). DeepSpeed reads its own files with ``weights_only=False``; we open each
-with ``weights_only=True`` and a short allowlist first (:func:`hyperloop_dist.parallel.zero.screen_pickles`).
+are read by Megatron's loader). The two files libraries unpickle with plain pickle, DCP's ``.metadata`` and
+DeepSpeed's ``.pt`` files, are screened with allow-lists first (:mod:`hyperloop_dist.checkpoint.safe_pickle`).
 """
 
 from __future__ import annotations
@@ -100,6 +100,22 @@ def _rng_state() -> dict[str, Any]:
     return {"cpu_rng": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
 
+def _in_process_results_queue() -> None:
+    """Give Megatron's file writer a plain in-process queue for its write results.
+
+    By default it creates a ``multiprocessing`` Manager queue on the first save, for its asynchronous mode,
+    where the results come from a persistent process: starting the Manager spawns a Python interpreter
+    (about 5 s per rank on CPU). Our saves are synchronous, so the writer's results are put and taken in
+    this process (megatron-core 0.16.1, ``filesystem_async._results_queue``; tests/test_cpu_shim.py pins it).
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def write(directory: Path, cfg: Config, step: int, model: HyperloopModel, optimizer: MegatronOptimizer,
           scheduler: OptimizerParamScheduler, windows_per_step: int, dp_rank: int = 0,
           data_state: dict[str, Any] | None = None) -> None:
@@ -117,6 +133,7 @@ def write(directory: Path, cfg: Config, step: int, model: HyperloopModel, optimi
 
         zero.save(model, directory)
     else:
+        _in_process_results_queue()
         with cpu_shim.device_mode():
             dist_checkpointing.save(_sharded_state(model, optimizer, loading=False), str(directory / "dist"))
     rank = dist.get_rank()
@@ -195,7 +212,7 @@ def load(path: Path, cfg: Config, model: HyperloopModel, optimizer: MegatronOpti
     saved = checkpoint_engine(path)
     if saved != cfg.parallel.engine:
         raise CheckpointError(f"{path} was written by the {saved} engine; resume it with parallel.engine={saved} "
-                              "(or export a release and start from its weights)")
+                              "(`hyperloop export --release` reads it under any engine, for eval and export)")
     if cfg.parallel.engine == "fsdp":
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict

@@ -18,11 +18,13 @@ import torch.distributed as dist
 from hyperloop_dist.config import Config
 from hyperloop_dist.model.hyperloop import HyperloopModel, build_model
 from hyperloop_dist.parallel import cpu_shim
-from hyperloop_dist.train.nonfinite import all_finite, poison
+from hyperloop_dist.train.nonfinite import MicroLosses, all_finite, poison
 from hyperloop_dist.train.torch_optim import adamw, lr_scheduler
 
 if TYPE_CHECKING:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from hyperloop_dist.train.signals import StopRequest
 
 
 def device_mesh(cfg: Config):
@@ -59,25 +61,24 @@ def build_fsdp_training(cfg: Config) -> tuple[HyperloopModel, torch.optim.Optimi
 
 
 def fsdp_step(cfg: Config, model: HyperloopModel, optimizer: torch.optim.Optimizer,
-              batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0) -> tuple[float, float, list[int]]:
+              batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0,
+              stop: StopRequest | None = None) -> tuple[float, float, list[int]]:
     """One optimizer step: (loss averaged over ranks, grad norm before clipping, non-finite micro-batches);
     a non-finite loss on any rank skips the update everywhere (NaN figures), as the megatron engine's step."""
     optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros(())
     device = cpu_shim.device()
-    bad_micro: list[int] = []
+    losses = MicroLosses()
     for micro, (tokens, labels) in enumerate(batches):
         model.set_requires_gradient_sync(micro == len(batches) - 1)  # reduce-scatter once, after the last
         loss = poison(model(tokens.to(device), labels=labels.to(device)).mean() / len(batches), step, micro)
         loss.backward()
-        if not torch.isfinite(loss.detach()):
-            bad_micro.append(micro)
-        total += loss.detach().float().cpu()
-    if not all_finite(total):
-        return math.nan, math.nan, bad_micro
+        losses.add(loss)
+    total = losses.total()
+    if not all_finite(total, stop):
+        return math.nan, math.nan, losses.non_finite()
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     optimizer.step()
     dist.all_reduce(total)
-    return float(total) / dist.get_world_size(), float(grad_norm), bad_micro
+    return float(total) / dist.get_world_size(), float(grad_norm), []

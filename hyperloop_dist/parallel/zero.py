@@ -135,13 +135,13 @@ def deepspeed_step(engine: DeepSpeedEngine, batches: list[tuple[torch.Tensor, to
     """One optimizer step over the micro-batches; returns (loss averaged over DP ranks, grad norm)."""
     from megatron.core import parallel_state
 
-    total = torch.zeros(())
     device = cpu_shim.device()
+    total = torch.zeros((), device=device)  # on the device: NCCL reduces nothing else
     for tokens, labels in batches:
         loss = engine(tokens.to(device), labels=labels.to(device)).mean()
         engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
         engine.step()  # steps the optimizer at the accumulation boundary only
-        total += loss.detach().float().cpu() / len(batches)
+        total += loss.detach().float() / len(batches)
     group = parallel_state.get_data_parallel_group()
     dist.all_reduce(total, group=group)
     grad_norm = engine.get_global_grad_norm()
@@ -164,7 +164,8 @@ def load(engine: DeepSpeedEngine, step_dir: Path, saved: dict[str, int], current
         raise CheckpointError(
             f"{step_dir}: a DeepSpeed ZeRO checkpoint resumes only on the layout that saved it (tp={saved['tp']}, "
             f"dp={saved['dp']}); this run has tp={current['tp']}, dp={current['dp']}. Resume with the saved "
-            f"layout, or `hyperloop export --release {step_dir} OUT` and start a run from its weights"
+            f"layout. `hyperloop export --release {step_dir} OUT` still gives the trained model (for eval and "
+            "export), but starting a new training run from a release is not supported yet"
         )
     screen_pickles(step_dir / CHECKPOINT_DIR)
     path, _ = engine.load_checkpoint(str(step_dir / CHECKPOINT_DIR), tag=TAG, load_optimizer_states=True,
@@ -174,17 +175,10 @@ def load(engine: DeepSpeedEngine, step_dir: Path, saved: dict[str, int], current
 
 
 def screen_pickles(directory: Path) -> None:
-    """Open every DeepSpeed file with ``weights_only=True`` first, allowing only the few non-tensor types
-    DeepSpeed stores, so that DeepSpeed's own ``torch.load(weights_only=False)`` never meets anything else."""
-    from hyperloop_dist.checkpoint.store import CheckpointError
+    """Screen DeepSpeed's files before its own ``torch.load(weights_only=False)`` meets them."""
+    from hyperloop_dist.checkpoint.safe_pickle import check_torch_pickles
 
-    with torch.serialization.safe_globals(_allowed_globals()):
-        for f in sorted(directory.rglob("*.pt")):
-            try:
-                torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as exc:  # an unpickling error names the offending global
-                raise CheckpointError(f"{f}: refused, holds more than tensors and DeepSpeed's plain values "
-                                      f"({exc})") from exc
+    check_torch_pickles(directory, _allowed_globals())
 
 
 def _allowed_globals() -> list[type]:

@@ -12,9 +12,15 @@ import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+from hyperloop_dist.parallel import cpu_shim
+
+if TYPE_CHECKING:
+    from hyperloop_dist.train.signals import StopRequest
 
 
 class TrainingDiverged(RuntimeError):
@@ -35,12 +41,41 @@ def poison(loss: torch.Tensor, step: int, micro: int) -> torch.Tensor:
     return loss * float("nan") if hit else loss
 
 
-def all_finite(local: torch.Tensor | float) -> bool:
-    """True on every rank iff ``local`` is finite on every rank."""
-    bad = torch.tensor([0.0 if math.isfinite(float(local)) else 1.0])
+class MicroLosses:
+    """One step's micro-batch losses, kept on the device: the host waits once per step, not per micro-batch."""
+
+    def __init__(self) -> None:
+        self._values: list[torch.Tensor] = []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self._values.append(loss.detach().float().reshape(()))
+
+    def total(self) -> torch.Tensor:
+        return torch.stack(self._values).sum() if self._values else torch.zeros((), device=cpu_shim.device())
+
+    def non_finite(self) -> list[int]:
+        """Indices of the micro-batches whose loss was NaN/Inf on this rank."""
+        if not self._values:
+            return []
+        return torch.nonzero(~torch.isfinite(torch.stack(self._values))).flatten().tolist()
+
+
+def all_finite(local: torch.Tensor | float, stop: StopRequest | None = None) -> bool:
+    """True on every rank iff ``local`` is finite on every rank.
+
+    With ``stop``, the same all-reduce also settles whether any rank got a stop signal (``stop.everywhere``):
+    a step pays for one tiny collective, not two. The flags live on the compute device, which NCCL needs.
+    """
+    device = cpu_shim.device()
+    bad = ~torch.isfinite(torch.as_tensor(local, dtype=torch.float32, device=device)).reshape(1)
+    signalled = torch.tensor([stop is not None and stop.signum is not None], device=device)
+    flags = torch.cat([bad, signalled]).to(torch.int32)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0.0
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    any_bad, any_signalled = flags.tolist()
+    if stop is not None and any_signalled:
+        stop.everywhere = True
+    return not any_bad
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Stop requests from the scheduler: SIGUSR1 (time limit or preemption near) and SIGTERM.
 
-A handler only records the signal; the training loop asks after every step whether *any* rank got one
-(ranks receive signals at slightly different moments, and a checkpoint needs every rank), then saves
-and leaves with ``REQUEUE_EXIT``, the status the sbatch template treats as "requeue me".
+A handler only records the signal. Every step then settles whether *any* rank got one (ranks receive
+signals at slightly different moments, and a checkpoint needs every rank), in the all-reduce that already
+agrees on a finite loss (:func:`hyperloop_dist.train.nonfinite.all_finite`); the loop then saves and leaves
+with ``REQUEUE_EXIT``, the status the sbatch template treats as "requeue me".
 """
 
 from __future__ import annotations
@@ -10,9 +11,6 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
-
-import torch
-import torch.distributed as dist
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: stopped early on request after a checkpoint; run the same command again
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -23,6 +21,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.everywhere = False  # set once every rank knows that some rank was signalled
         self._previous: dict[int, object] = {}
 
     def install(self) -> StopRequest:
@@ -41,12 +40,13 @@ class StopRequest:
         if self.signum is None:
             self.signum = signum
 
-    def agreed(self, device: torch.device | str = "cpu") -> bool:
-        """True on every rank once any rank was signalled (one tiny all-reduce per step)."""
-        flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32, device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self) -> bool:
+        """True on every rank once any rank was signalled: a collective of its own, for use outside a
+        training step (inside one, ``all_finite(loss, stop)`` settles it on the way)."""
+        from hyperloop_dist.train.nonfinite import all_finite
+
+        all_finite(0.0, self)
+        return self.everywhere
 
     @property
     def name(self) -> str:

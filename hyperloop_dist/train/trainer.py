@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,12 +24,10 @@ from hyperloop_dist.parallel import cpu_shim
 from hyperloop_dist.parallel.distributed import RankInfo, init_distributed, shutdown_distributed
 from hyperloop_dist.parallel.pipeline import CircularPipeline
 from hyperloop_dist.train.metrics import MetricsLogger, window_mean
-from hyperloop_dist.train.nonfinite import BadStepTracker, TrainingDiverged, all_finite, poison
+from hyperloop_dist.train.nonfinite import BadStepTracker, MicroLosses, TrainingDiverged, all_finite, poison
 from hyperloop_dist.train.signals import StopRequest
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import MegatronOptimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -86,23 +85,24 @@ def unwrap(ddp: DistributedDataParallel) -> HyperloopModel:
 
 
 def train_step(cfg: Config, ddp: DistributedDataParallel, optimizer: MegatronOptimizer, data: Batches,
-               step: int, info: RankInfo, pipeline: CircularPipeline | None = None) -> tuple[float, float, list[int]]:
+               step: int, info: RankInfo, pipeline: CircularPipeline | None = None,
+               stop: StopRequest | None = None) -> tuple[float, float, list[int]]:
     """One optimizer step over ``grad_accum`` micro-batches.
 
     Returns (DP-mean loss, grad norm, this rank's non-finite micro-batches). A non-finite loss on any rank
-    skips the update on every rank and returns NaN for both figures.
+    skips the update on every rank and returns NaN for both figures. ``stop`` learns in the same collective
+    whether any rank was signalled.
     """
     from megatron.core.distributed import finalize_model_grads
 
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     batches = [data.next(step, micro) for micro in range(cfg.train.grad_accum)]
-    bad_micro: list[int] = []
+    device = cpu_shim.device()
+    losses = MicroLosses()
     if pipeline is not None:
-        total = torch.tensor(pipeline.step(batches))
+        losses.add(torch.tensor(pipeline.step(batches), device=device))
     else:
-        total = torch.zeros(())
-        device = cpu_shim.device()
         for micro, (tokens, labels) in enumerate(batches):
             # Megatron DDP reduces a bucket once every parameter in it reported all its gradient events of
             # the last micro-batch (a looped weight reports once per recomputed loop): no_sync before that.
@@ -111,18 +111,17 @@ def train_step(cfg: Config, ddp: DistributedDataParallel, optimizer: MegatronOpt
                 loss = ddp(tokens.to(device), labels=labels.to(device)).mean() / cfg.train.grad_accum
                 loss = poison(loss, step, micro)
                 loss.backward()
-            if not torch.isfinite(loss.detach()):
-                bad_micro.append(micro)
-            total += loss.detach().float().cpu()
+            losses.add(loss)
+    total = losses.total()
     with cpu_shim.device_mode():
         finalize_model_grads([ddp])
-        if not all_finite(total):
-            return math.nan, math.nan, bad_micro
+        if not all_finite(total, stop):
+            return math.nan, math.nan, [] if pipeline is not None else losses.non_finite()
         _, grad_norm, _ = optimizer.step()
     if info.dp_size > 1:
         dist.all_reduce(total, group=_dp_group())
         total /= info.dp_size
-    return float(total), float(grad_norm if grad_norm is not None else math.nan), bad_micro
+    return float(total), float(grad_norm if grad_norm is not None else math.nan), []
 
 
 def _dp_group() -> dist.ProcessGroup:
@@ -141,6 +140,54 @@ def run_training(cfg: Config) -> TrainResult:
         shutdown_distributed()
 
 
+@dataclass
+class Engine:
+    """What one rank trains with, whatever ``parallel.engine`` is: the model (unwrapped), its optimizer and
+    LR scheduler, the circular pipeline under PP, and ``step(data, step, stop)`` -> (loss, grad norm,
+    this rank's non-finite micro-batches)."""
+
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    step: Callable[[Batches, int, StopRequest | None], tuple[float, float, list[int]]]
+    pipeline: CircularPipeline | None = None
+
+
+def build_engine(cfg: Config, info: RankInfo) -> Engine:
+    engine = cfg.parallel.engine
+    if engine == "fsdp":
+        from hyperloop_dist.parallel.fsdp import build_fsdp_training, fsdp_step
+
+        model, optimizer, scheduler = build_fsdp_training(cfg)  # FSDP2 shards the model in place: no wrapper
+
+        def step(data: Batches, step: int, stop: StopRequest | None) -> tuple[float, float, list[int]]:
+            return fsdp_step(cfg, model, optimizer, [data.next(step, m) for m in range(cfg.train.grad_accum)],
+                             step, stop)
+
+        return Engine(model, optimizer, scheduler, step)
+    if engine == "deepspeed":
+        from hyperloop_dist.parallel.zero import build_deepspeed_training, deepspeed_step
+
+        # The DeepSpeed engine is called like the model and checkpoints itself.
+        model, optimizer, scheduler = build_deepspeed_training(cfg)
+
+        def step(data: Batches, step: int, stop: StopRequest | None) -> tuple[float, float, list[int]]:
+            loss, grad_norm = deepspeed_step(model, [data.next(step, m) for m in range(cfg.train.grad_accum)])
+            if not all_finite(loss, stop):  # DeepSpeed applied that update inside engine.step(): stop now
+                raise TrainingDiverged(f"step {step + 1}: non-finite loss under the deepspeed engine, which "
+                                       "cannot skip an update; resume from the last checkpoint")
+            return loss, grad_norm, []
+
+        return Engine(model, optimizer, scheduler, step)
+    ddp, optimizer, scheduler = build_training(cfg)
+    pipeline = CircularPipeline(unwrap(ddp), cfg.train.micro_batch_size) if cfg.parallel.pp > 1 else None
+
+    def step(data: Batches, step: int, stop: StopRequest | None) -> tuple[float, float, list[int]]:
+        return train_step(cfg, ddp, optimizer, data, step, info, pipeline, stop)
+
+    return Engine(unwrap(ddp), optimizer, scheduler, step, pipeline)
+
+
 def _train(cfg: Config, info: RankInfo) -> TrainResult:
     run_dir = Path(cfg.train.run_dir)
     say = print if info.is_main else (lambda *a, **k: None)
@@ -149,19 +196,8 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
         dump_config(cfg, run_dir / "config.yaml")
         prepare_corpus(cfg, log=say)  # a no-op when `hyperloop train` prepared it before launching
     dist.barrier()
-    if cfg.parallel.engine == "fsdp":
-        from hyperloop_dist.parallel.fsdp import build_fsdp_training
-
-        ddp = None  # FSDP2 shards the model in place: no wrapper
-        model, optimizer, scheduler = build_fsdp_training(cfg)
-    elif cfg.parallel.engine == "deepspeed":
-        from hyperloop_dist.parallel.zero import build_deepspeed_training
-
-        ddp = None  # the DeepSpeed engine is called like the model and checkpoints itself
-        model, optimizer, scheduler = build_deepspeed_training(cfg)
-    else:
-        ddp, optimizer, scheduler = build_training(cfg)
-        model = unwrap(ddp)
+    engine = build_engine(cfg, info)
+    model, optimizer, scheduler = engine.model, engine.optimizer, engine.scheduler
     windows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * info.dp_size
     start_step, data_state = 0, None
     resume_from = _agree(find_resumable(run_dir, log=say) if info.is_main else None)
@@ -176,7 +212,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
         f"pp={cfg.parallel.pp}, dp={info.dp_size}) | "
         f"{windows_per_step * cfg.model.seq_length:,} tokens/step | data {cfg.data.loader} loader | run dir {run_dir}")
 
-    pipeline = CircularPipeline(model, cfg.train.micro_batch_size) if cfg.parallel.pp > 1 else None
+    pipeline = engine.pipeline
     logger = MetricsLogger(cfg, run_dir, info.is_main, cfg.train.steps)
     evaluator = _evaluator(cfg, model, pipeline, info, say)
     tokens_per_step = windows_per_step * cfg.model.seq_length
@@ -187,21 +223,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     stop, stopped_by = StopRequest().install(), None
     try:
         for step in range(start_step, cfg.train.steps):
-            if ddp is None:
-                from hyperloop_dist.parallel.fsdp import fsdp_step
-                from hyperloop_dist.parallel.zero import deepspeed_step
-
-                batches = [data.next(step, m) for m in range(cfg.train.grad_accum)]
-                if cfg.parallel.engine == "deepspeed":
-                    loss, grad_norm = deepspeed_step(model, batches)
-                    bad_micro = []
-                    if not all_finite(loss):  # DeepSpeed applied that update inside engine.step(): stop now
-                        raise TrainingDiverged(f"step {step + 1}: non-finite loss under the deepspeed engine, which "
-                                               "cannot skip an update; resume from the last checkpoint")
-                else:
-                    loss, grad_norm, bad_micro = fsdp_step(cfg, model, optimizer, batches, step)
-            else:
-                loss, grad_norm, bad_micro = train_step(cfg, ddp, optimizer, data, step, info, pipeline)
+            loss, grad_norm, bad_micro = engine.step(data, step, stop)
             scheduler.step(increment=1)  # a skipped step still consumed its data and its place in the schedule
             tokens_seen += tokens_per_step
             done = step + 1
@@ -236,7 +258,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
             periodic = cfg.train.save_interval and done % cfg.train.save_interval == 0
             if periodic and done != cfg.train.steps:
                 _save(cfg, run_dir, done, model, optimizer, scheduler, info, data)
-            if done != cfg.train.steps and stop.agreed(cpu_shim.device()):
+            if done != cfg.train.steps and stop.everywhere:
                 stopped_by = stop.name
                 say(f"{stopped_by}: stopping after step {done}; saving a checkpoint to resume from")
                 if not periodic:
