@@ -25,6 +25,12 @@ def test_pinned_megatron_version_and_patch_points() -> None:
                  "_set_cuda_rng_state", "get_cuda_rng_tracker", "model_parallel_cuda_manual_seed", "checkpoint"):
         assert hasattr(mp_random, name), f"megatron.core.tensor_parallel.random.{name} moved"
     assert hasattr(transformer_utils, "get_default_causal_mask")
+    from megatron.core import jit
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    assert hasattr(filesystem_async, "_results_queue"), "checkpoint/training_state.py presets it"
+    if not torch.cuda.is_available():  # hyperloop_dist/__init__.py: Megatron imported without TorchInductor
+        assert jit.jit_fuser is not torch.compile
 
 
 @cpu_only
