@@ -54,7 +54,8 @@ def train(kind: str, run_dir: Path, overrides: list[str], args: argparse.Namespa
     return time.perf_counter() - start
 
 
-def evaluate(run_dir: Path, settings: list[str]) -> dict:
+def evaluate(run_dir: Path, settings: list[str], methods: tuple[str, ...] = ("rtn", "gptq")) -> dict:
+    """Parameters, held-out tokens, and the held-out loss in bf16 and after each INT4 ``methods``."""
     from hyperloop_dist.export.int4 import apply_fake_quantized, quantize_model, storage_rounded
     from hyperloop_dist.export.quantize_release import (
         calibration_batches,
@@ -65,10 +66,10 @@ def evaluate(run_dir: Path, settings: list[str]) -> dict:
 
     model, cfg, _ = load_source(run_dir, settings)
     windows = heldout_windows(cfg, cfg.export.heldout_windows)
-    calibration = calibration_batches(cfg)
+    calibration = calibration_batches(cfg) if "gptq" in methods else []
     row = {"params": sum(p.numel() for p in model.parameters()), "tokens": windows[:, 1:].numel(),
            "bf16": heldout_loss(storage_rounded(copy.deepcopy(model)), windows)}
-    for method in ("rtn", "gptq"):
+    for method in methods:
         start = time.perf_counter()
         q = quantize_model(model, dataclasses.replace(cfg.export, method=method), calibration)
         row[f"{method}_s"] = time.perf_counter() - start

@@ -21,29 +21,41 @@ import torch.multiprocessing as mp
 from mfu import SyntheticBatches  # benchmarks/ is on sys.path when this script runs
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _bare(cfg, data: SyntheticBatches, steps: int, warmup: int) -> float:
     from hyperloop_dist.model.reference import ReferenceModel
+    from hyperloop_dist.parallel import cpu_shim
 
-    model = ReferenceModel(cfg.model)
+    device = cpu_shim.device()
+    model = ReferenceModel(cfg.model).to(device)
     if dist.get_world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             weight_decay=o.weight_decay)
-    tokens, labels = data.batch
+    tokens, labels = (t.to(device) for t in data.batch)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        logits = model(tokens)
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+        with autocast:
+            logits = model(tokens)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
 
     for _ in range(warmup):
         step()
+    _sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    _sync()
     return (time.perf_counter() - t0) / steps
 
 
@@ -55,23 +67,31 @@ def _ours(cfg, data: SyntheticBatches, steps: int, warmup: int) -> float:
     info = RankInfo(dist.get_rank(), dist.get_world_size(), 0, dist.get_rank(), dist.get_world_size())
     for s in range(warmup):
         train_step(cfg, ddp, optimizer, data, s, info)
+    _sync()
     t0 = time.perf_counter()
     for s in range(steps):
         train_step(cfg, ddp, optimizer, data, s, info)
+    _sync()
     return (time.perf_counter() - t0) / steps
 
 
-def _worker(rank: int, world: int, port: int, kind: str, overrides: list[str], steps: int, warmup: int,
-            out: dict) -> None:
+def _worker(rank: int, world: int, port: int, kind: str, recipe: str | None, overrides: list[str], steps: int,
+            warmup: int, out: dict) -> None:
     from megatron.core import parallel_state
 
     from hyperloop_dist.config import load_config
     from hyperloop_dist.parallel import cpu_shim
 
-    torch.set_num_threads(1)
-    cfg = load_config(None, [f"model.kind={kind}", f"parallel.nproc_per_node={world}", *overrides])
-    cpu_shim.enable()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cuda = torch.cuda.is_available()
+    cfg = load_config(recipe, [f"model.kind={kind}", f"parallel.nproc_per_node={world}", "parallel.tp=1",
+                               "parallel.pp=1", *(["train.precision=bf16"] if cuda else []), *overrides])
+    if cuda:
+        torch.cuda.set_device(rank)
+    else:
+        torch.set_num_threads(1)
+        cpu_shim.enable()
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
     parallel_state.initialize_model_parallel(1, 1)
     cpu_shim.seed_model_parallel(cfg.train.seed)
     data = SyntheticBatches(cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size)
@@ -87,19 +107,29 @@ def _worker(rank: int, world: int, port: int, kind: str, overrides: list[str], s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe", nargs="?", default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--kinds", nargs="+", default=["transformer", "hyperloop"])
     ap.add_argument("--worlds", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("overrides", nargs="*", default=[])
     args = ap.parse_intermixed_args()
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if args.recipe and "=" in args.recipe:  # an override, not a recipe
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before any process initialises CUDA
+    elif max(args.worlds) > torch.cuda.device_count():
+        raise SystemExit(f"--device cuda --worlds {max(args.worlds)}: only {torch.cuda.device_count()} GPU(s) "
+                         "visible; one rank per GPU")
     out = mp.Manager().dict()
     port = 29700
     for kind in args.kinds:
         for world in args.worlds:
             port += 1
-            mp.spawn(_worker, args=(world, port, kind, args.overrides, args.steps, args.warmup, out), nprocs=world)
+            mp.spawn(_worker, args=(world, port, kind, args.recipe, args.overrides, args.steps, args.warmup, out),
+                     nprocs=world)
             bare, ours = out[(kind, world)]
             print(f"[{kind} dp={world}] bare {bare * 1e3:.1f} ms/step, ours {ours * 1e3:.1f} ms/step", flush=True)
     print(f"\n{'kind':<12}{'DP':>4}{'bare ms/step':>14}{'ours ms/step':>14}{'ours/bare':>11}  target <= 1.10x")

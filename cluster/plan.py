@@ -18,7 +18,8 @@ Memory per rank = model state + activations, in bytes (all formulas below; docs/
   and, at the end of the forward pass, the logits and their exponentials (``2·4·T·V/tp``) at once.
   Passes: a looped model runs the middle block L times; with ``train.recompute=loop`` only each pass's
   input ``e·T·h`` is kept and one pass's layers are recomputed at a time.
-  Pipeline: a stage holds ``min(pp, micro-batches)`` micro-batches in flight (1F1B warm-up depth).
+  Pipeline: our circular pipeline runs all forwards of a step, then all backwards (GPipe order), so a
+  stage holds every micro-batch of the step (``grad_accum``) in flight; ``benchmarks/memory.py`` measures it.
 
 Step time = FLOPs per GPU / (peak FLOP/s x MFU) x (1 + pipeline bubble) x (1 + TP overhead) + the DP
 gradient reduction not hidden behind compute. The FLOPs per token come from ``model/params.py``.
@@ -176,7 +177,7 @@ def estimate(cfg: Config, layout: Layout, hw: Hardware, split: ParamSplit | None
     flops_per_token = flops_per_token or report(m).train_flops_per_token
     bf16 = cfg.train.precision == "bf16"
     elem = 2 if bf16 else 4
-    in_flight = min(layout.pp, layout.grad_accum)
+    in_flight = layout.grad_accum if layout.pp > 1 else 1  # GPipe order: the whole step's micro-batches
     worst_total, worst = -1.0, (0, 0.0, 0.0)
     largest_unit = (m.middle_layers if m.kind in LOOPED_KINDS else 1) * (split.layer_sharded + split.layer_replicated)
     for stage in range(layout.pp):

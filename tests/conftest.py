@@ -67,3 +67,27 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
                  f"data.tokenizer={root / 'tokenizer.model'}"]
     prepare_corpus(load_config(None, overrides), log=lambda *_: None)
     return overrides
+
+
+# Runs that several modules compare against, trained once per session (tests/helpers.py adds RUN_DEFAULTS).
+SINGLE_6 = ["train.steps=6", "train.save_interval=3", "data.loader=windows", "model.tie_embeddings=false",
+            "parallel.nproc_per_node=1", "train.grad_accum=2"]  # 8 windows per step, as 2 ranks x 4
+DP2_12 = ["train.steps=12", "train.save_interval=4", "data.loader=windows", "parallel.nproc_per_node=2"]
+
+
+@pytest.fixture(scope="session")
+def single_run(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Hyperloop, one process, 6 steps (saved at 3 and 6): the reference of the layout and ZeRO tests."""
+    from .helpers import train
+
+    run = tmp_path_factory.mktemp("single") / "run"
+    return run, train([*tiny_data, *SINGLE_6], run).stdout
+
+
+@pytest.fixture(scope="session")
+def dp2_run(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """Hyperloop on 2 DP ranks, 12 steps (saved every 4): the reference of the train and fault tests."""
+    from .helpers import train
+
+    run = tmp_path_factory.mktemp("dp2") / "run"
+    return run, train([*tiny_data, *DP2_12], run).stdout

@@ -35,10 +35,9 @@ def args(tiny_data: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(args: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    run = tmp_path_factory.mktemp("reference") / "run"
-    train(args, run)
-    return losses(run)
+def reference(dp2_run: tuple[Path, str]) -> dict[int, float]:
+    """The uninterrupted run of ``args`` (the session's shared DP=2 run, tests/conftest.py)."""
+    return losses(dp2_run[0])
 
 
 def _popen(args: list[str], run: Path, **kwargs: object) -> subprocess.Popen:

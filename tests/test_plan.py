@@ -4,8 +4,6 @@ offers, and the ladder rule every paper-scale recipe follows."""
 from __future__ import annotations
 
 import ast
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,44 +15,29 @@ from hyperloop_dist.cluster.ladder import ladder
 from hyperloop_dist.cluster.plan import Hardware, Layout, estimate, parse_mem, plan
 from hyperloop_dist.config import ConfigError, load_config
 
-from .conftest import free_port
-
 REPO = Path(__file__).resolve().parents[1]
-# Big enough that tensors, not the interpreter, dominate the growth of the resident set.
-MEASURED = ["model.hidden_size=256", "model.num_heads=4", "model.vocab_size=2048", "model.seq_length=256",
-            "train.micro_batch_size=4", "model.begin_layers=1", "model.middle_layers=2", "model.end_layers=1",
-            "model.loops=3"]
-CASES = {"hyperloop": [], "hyperloop, per-loop recompute": ["train.recompute=loop"],
-         "transformer, GQA": ["model.kind=transformer", "model.num_query_groups=2"]}
+sys.path.insert(0, str(REPO / "benchmarks"))
+from memory import CPU_MODEL, LAYOUTS, collect, estimated, start  # noqa: E402  (benchmarks/ is not a package)
+
+CASES = {"hyperloop": (1, []), "hyperloop, per-loop recompute": LAYOUTS["recompute"],
+         "transformer, GQA": (1, ["model.kind=transformer", "model.num_query_groups=2"]),
+         "hyperloop, pp2 x 4 micro-batches": LAYOUTS["pp2"]}
 
 
 @pytest.fixture(scope="module")
 def measured_peaks() -> dict[str, float]:
-    """Peak resident-set growth of 2 training steps per case, the cases run side by side."""
-    procs = {}
-    for name, extra in CASES.items():
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        procs[name] = subprocess.Popen([sys.executable, str(REPO / "tests" / "measure_peak_memory.py"),
-                                        *MEASURED, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True, env=env)
-    out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=240)
-        assert proc.returncode == 0, stderr[-3000:]
-        out[name] = json.loads(stdout.strip().splitlines()[-1])["peak_growth_bytes"]
-    return out
+    """Peak resident-set growth of 2 training steps per case (benchmarks/memory.py), the cases side by side."""
+    procs = {name: start(None, [*CPU_MODEL, *extra], world) for name, (world, extra) in CASES.items()}
+    return {name: collect(p, timeout=300) for name, p in procs.items()}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_memory_estimate_within_15_percent_of_measured_peak(measured_peaks: dict, case: str) -> None:
-    cfg = load_config(None, ["parallel.nproc_per_node=1", *MEASURED, *CASES[case]])
-    hw = Hardware(gpus=1, gpu_mem_bytes=1e12, flash_attention=False, reserve_bytes=0)  # CPU: unfused attention
-    est = estimate(cfg, Layout(1, 1, 1, "megatron", cfg.train.recompute, cfg.train.micro_batch_size, 1), hw)
-    ratio = est.total_bytes / measured_peaks[case]
-    assert 0.85 <= ratio <= 1.15, f"{case}: estimate {est.total_bytes / 2**20:.0f} MiB, " \
-                                  f"measured {measured_peaks[case] / 2**20:.0f} MiB"
+    world, extra = CASES[case]
+    est = estimated(None, [*CPU_MODEL, *extra], world, "cpu")  # CPU: unfused attention, no reserve
+    ratio = est / measured_peaks[case]
+    assert 0.85 <= ratio <= 1.15, f"{case}: estimate {est / 2**20:.0f} MiB, measured {measured_peaks[case] / 2**20:.0f} MiB"
 
 
 def test_plan_ranks_fitting_layouts_and_scales_with_the_cluster(capsys) -> None:

@@ -23,12 +23,12 @@ SAVE_EVERY = 4
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+def runs(tiny_data: list[str], dp2_run: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("runs")
-    out: dict = {name: root / name for name in ("dp2", "single", "stream", "resumed")}
+    out: dict = {name: root / name for name in ("single", "stream", "resumed")}
     windows = [*tiny_data, f"train.steps={STEPS}", "data.loader=windows"]
     dp2 = ["parallel.nproc_per_node=2", f"train.save_interval={SAVE_EVERY}"]
-    out["dp2_log"] = train([*windows, *dp2], out["dp2"])
+    out["dp2"], out["dp2_log"] = dp2_run  # [*windows, *dp2], shared with tests/test_faults.py
     # Same global batch (8 windows) on one process: two micro-batches of 4.
     train([*windows, "parallel.nproc_per_node=1", "train.grad_accum=2"], out["single"])
     # The default streaming loader with 2 workers per rank: killed after its first save, then resumed.
@@ -76,7 +76,7 @@ def test_run_directory_contract(runs: dict) -> None:
     stream_manifest = verify_checkpoint(runs["stream"] / "checkpoints" / f"step_{STEPS:08d}")
     assert {"data/dp_00000.json", "data/dp_00001.json"} <= set(stream_manifest["files"])
     assert "data stream loader" in runs["stream_log"].stdout and "bad records skipped" in runs["stream_log"].stdout
-    log = runs["dp2_log"].stdout
+    log = runs["dp2_log"]
     assert f"step {STEPS:>6}/{STEPS}" in log and "loss, last" in log  # progress + summary, rank 0 only
     assert log.count("saved checkpoint") == STEPS // SAVE_EVERY
     wandb_dir = Path(os.environ["WANDB_DIR"]) / "wandb"
