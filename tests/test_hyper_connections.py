@@ -9,6 +9,7 @@ from hyperloop_dist.model.hyper_connections import (
     HyperConnection,
     collapse_streams,
     expand_streams,
+    mix_streams,
     num_hyper_connections,
     sinkhorn,
 )
@@ -65,6 +66,14 @@ def test_sinkhorn_backward_equals_autograd_through_the_iterations(scale: float) 
     torch.testing.assert_close(sinkhorn(logits, 20), _unrolled_sinkhorn(logits, 20), atol=1e-12, rtol=0)
     torch.testing.assert_close(ours.grad, oracle.grad, atol=1e-10, rtol=0)
     assert torch.autograd.gradcheck(lambda t: sinkhorn(t, 4), logits[:2, :1].clone().requires_grad_())
+
+
+def test_stream_mixing_gradients() -> None:
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    streams = torch.randn(3, 2, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(mix_streams(h, streams), torch.einsum("...ij,...jd->...id", h, streams))
+    assert torch.autograd.gradcheck(mix_streams, (h, streams))
 
 
 def test_expand_collapse_round_trip() -> None:

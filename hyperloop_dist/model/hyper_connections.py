@@ -97,6 +97,32 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return _Sinkhorn.apply(logits, iters)
 
 
+class _StreamMix(torch.autograd.Function):
+    """``H . S`` per token (``[..., n, n] @ [..., n, d]``), with a backward on contiguous operands.
+
+    Autograd's own backward multiplies by transposed views, which sends CPU batched matmul down a loop
+    over the tokens (select + clone per token): it was the largest part of a hyper-connection's time.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, streams)
+        return torch.matmul(h, streams)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        h, streams = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_h = torch.matmul(grad, streams.transpose(-1, -2).contiguous()) if ctx.needs_input_grad[0] else None
+        grad_s = torch.matmul(h.transpose(-1, -2).contiguous(), grad) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_s
+
+
+def mix_streams(h: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """``[..., m, n] @ [..., n, d]`` per token: ``H_res . S`` (and any per-token stream mixing)."""
+    return _StreamMix.apply(h, streams)
+
+
 def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
     """``[s, b, d] -> [s, b, n, d]``: every stream starts as a copy of the input."""
     return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).contiguous()
@@ -160,7 +186,7 @@ class HyperConnection(nn.Module):
         branch = y - x
         if out_bias is not None:
             branch = branch + out_bias
-        mixed = torch.einsum("...ij,...jd->...id", h_res, streams)
+        mixed = mix_streams(h_res, streams)
         return mixed + h_post.unsqueeze(-1) * branch.unsqueeze(-2)
 
     def forward(self, streams: torch.Tensor, block: Block, out_bias: torch.Tensor | None = None) -> torch.Tensor:
