@@ -12,20 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
-from mfu import measure  # benchmarks/ is on sys.path when this script runs
-
-
-def _time(fn, reps: int, sync) -> float:
-    fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / reps
+from mfu import measure, seconds_per_call  # benchmarks/ is on sys.path when this script runs
 
 
 def hc_breakdown(recipe: str | None, overrides: list[str], reps: int) -> dict[str, float]:
@@ -55,8 +44,8 @@ def hc_breakdown(recipe: str | None, overrides: list[str], reps: int) -> dict[st
         def middle_step() -> None:
             model.run_middle(x_mid).float().sum().backward()
 
-        sync = torch.cuda.synchronize if cpu_shim.cuda_available() else (lambda: None)
-        return {"hc": _time(hc_step, reps, sync), "middle": _time(middle_step, reps, sync), "loops": m.loops}
+        return {"hc": seconds_per_call(lambda _: hc_step(), reps, 1),
+                "middle": seconds_per_call(lambda _: middle_step(), reps, 1), "loops": m.loops}
 
 
 def main() -> None:

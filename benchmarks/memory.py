@@ -21,7 +21,6 @@ import argparse
 import importlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -81,15 +80,11 @@ def measure(recipe: str | None, overrides: list[str]) -> int:
     return peak - base
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(recipe: str | None, overrides: list[str], world: int, device: str = "cpu") -> list[subprocess.Popen]:
     """Start the worker on ``world`` local processes (collect with :func:`collect`)."""
-    port = _free_port()
+    from hyperloop_dist.parallel.launch import free_port
+
+    port = free_port()
     procs = []
     for rank in range(world):
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "RANK": str(rank), "WORLD_SIZE": str(world),

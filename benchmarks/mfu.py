@@ -15,10 +15,25 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def seconds_per_call(fn: Callable[[int], object], reps: int, warmup: int) -> float:
+    """Mean wall seconds of ``fn(i)`` over ``reps`` calls after ``warmup`` untimed ones, with the device's
+    queued work finished on both sides of the timed calls (the benchmarks' one timing loop)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for i in range(warmup):
+        fn(i)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(reps):
+        fn(i)
+    sync()
+    return (time.perf_counter() - t0) / reps
 
 
 class SyntheticBatches:
@@ -47,17 +62,14 @@ def measure(recipe: str | None, overrides: list[str], steps: int, warmup: int) -
     try:
         ddp, optimizer, _ = build_training(cfg)
         data = SyntheticBatches(cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size)
-        sync = torch.cuda.synchronize if cpu_shim.cuda_available() else (lambda: None)
         if cpu_shim.cuda_available():
             torch.cuda.reset_peak_memory_stats()
-        for step in range(warmup):
-            train_step(cfg, ddp, optimizer, data, step, info)
-        sync()
-        t0 = time.perf_counter()
-        for step in range(steps):
-            loss, _, _ = train_step(cfg, ddp, optimizer, data, step, info)
-        sync()
-        dt = (time.perf_counter() - t0) / steps
+        losses: list[float] = []
+        def one_step(step: int, ddp=ddp, optimizer=optimizer) -> None:  # bound now: `finally` deletes them
+            losses.append(train_step(cfg, ddp, optimizer, data, step, info)[0])
+
+        dt = seconds_per_call(one_step, steps, warmup)
+        loss = losses[-1]
         tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_length
         rep = report(cfg.model)
         peak_mem = torch.cuda.max_memory_allocated() / 2**30 if cpu_shim.cuda_available() else float("nan")

@@ -13,17 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from mfu import SyntheticBatches  # benchmarks/ is on sys.path when this script runs
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from mfu import SyntheticBatches, seconds_per_call  # benchmarks/ is on sys.path when this script runs
 
 
 def _bare(cfg, data: SyntheticBatches, steps: int, warmup: int) -> float:
@@ -40,7 +34,7 @@ def _bare(cfg, data: SyntheticBatches, steps: int, warmup: int) -> float:
     tokens, labels = (t.to(device) for t in data.batch)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
-    def step() -> None:
+    def step(_: int) -> None:
         opt.zero_grad(set_to_none=True)
         with autocast:
             logits = model(tokens)
@@ -49,14 +43,7 @@ def _bare(cfg, data: SyntheticBatches, steps: int, warmup: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync()
-    return (time.perf_counter() - t0) / steps
+    return seconds_per_call(step, steps, warmup)
 
 
 def _ours(cfg, data: SyntheticBatches, steps: int, warmup: int) -> float:
@@ -65,14 +52,7 @@ def _ours(cfg, data: SyntheticBatches, steps: int, warmup: int) -> float:
 
     ddp, optimizer, _ = build_training(cfg)
     info = RankInfo(dist.get_rank(), dist.get_world_size(), 0, dist.get_rank(), dist.get_world_size())
-    for s in range(warmup):
-        train_step(cfg, ddp, optimizer, data, s, info)
-    _sync()
-    t0 = time.perf_counter()
-    for s in range(steps):
-        train_step(cfg, ddp, optimizer, data, s, info)
-    _sync()
-    return (time.perf_counter() - t0) / steps
+    return seconds_per_call(lambda s: train_step(cfg, ddp, optimizer, data, s, info), steps, warmup)
 
 
 def _worker(rank: int, world: int, port: int, kind: str, recipe: str | None, overrides: list[str], steps: int,
