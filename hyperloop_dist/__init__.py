@@ -54,13 +54,14 @@ class _MegatronWithoutInductor(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _on_cpu() -> bool:
+def _cuda_available() -> bool:
     import torch
 
-    return not torch.cuda.is_available() and not os.environ.get("HYPERLOOP_SHOW_BACKEND_WARNINGS")
+    return torch.cuda.is_available()
 
 
-if _on_cpu():
-    _quiet_expected_cpu_warnings()
+if not _cuda_available():
+    if not os.environ.get("HYPERLOOP_SHOW_BACKEND_WARNINGS"):
+        _quiet_expected_cpu_warnings()
     if "megatron.core" not in sys.modules:
         sys.meta_path.insert(0, _MegatronWithoutInductor())

@@ -143,7 +143,7 @@ def run_training(cfg: Config) -> TrainResult:
 @dataclass
 class Engine:
     """What one rank trains with, whatever ``parallel.engine`` is: the model (unwrapped), its optimizer and
-    LR scheduler, the circular pipeline under PP, and ``step(data, step, stop)`` -> (loss, grad norm,
+    LR scheduler, the circular pipeline under PP, and ``step(data, index, stop)`` -> (loss, grad norm,
     this rank's non-finite micro-batches)."""
 
     model: torch.nn.Module
@@ -160,9 +160,9 @@ def build_engine(cfg: Config, info: RankInfo) -> Engine:
 
         model, optimizer, scheduler = build_fsdp_training(cfg)  # FSDP2 shards the model in place: no wrapper
 
-        def step(data: Batches, step: int, stop: StopRequest | None) -> tuple[float, float, list[int]]:
-            return fsdp_step(cfg, model, optimizer, [data.next(step, m) for m in range(cfg.train.grad_accum)],
-                             step, stop)
+        def step(data: Batches, index: int, stop: StopRequest | None) -> tuple[float, float, list[int]]:
+            return fsdp_step(cfg, model, optimizer, [data.next(index, m) for m in range(cfg.train.grad_accum)],
+                             index, stop)
 
         return Engine(model, optimizer, scheduler, step)
     if engine == "deepspeed":
@@ -171,10 +171,10 @@ def build_engine(cfg: Config, info: RankInfo) -> Engine:
         # The DeepSpeed engine is called like the model and checkpoints itself.
         model, optimizer, scheduler = build_deepspeed_training(cfg)
 
-        def step(data: Batches, step: int, stop: StopRequest | None) -> tuple[float, float, list[int]]:
-            loss, grad_norm = deepspeed_step(model, [data.next(step, m) for m in range(cfg.train.grad_accum)])
+        def step(data: Batches, index: int, stop: StopRequest | None) -> tuple[float, float, list[int]]:
+            loss, grad_norm = deepspeed_step(model, [data.next(index, m) for m in range(cfg.train.grad_accum)])
             if not all_finite(loss, stop):  # DeepSpeed applied that update inside engine.step(): stop now
-                raise TrainingDiverged(f"step {step + 1}: non-finite loss under the deepspeed engine, which "
+                raise TrainingDiverged(f"step {index + 1}: non-finite loss under the deepspeed engine, which "
                                        "cannot skip an update; resume from the last checkpoint")
             return loss, grad_norm, []
 
@@ -182,8 +182,8 @@ def build_engine(cfg: Config, info: RankInfo) -> Engine:
     ddp, optimizer, scheduler = build_training(cfg)
     pipeline = CircularPipeline(unwrap(ddp), cfg.train.micro_batch_size) if cfg.parallel.pp > 1 else None
 
-    def step(data: Batches, step: int, stop: StopRequest | None) -> tuple[float, float, list[int]]:
-        return train_step(cfg, ddp, optimizer, data, step, info, pipeline, stop)
+    def step(data: Batches, index: int, stop: StopRequest | None) -> tuple[float, float, list[int]]:
+        return train_step(cfg, ddp, optimizer, data, index, info, pipeline, stop)
 
     return Engine(unwrap(ddp), optimizer, scheduler, step, pipeline)
 
