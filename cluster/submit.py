@@ -23,6 +23,7 @@ import jinja2
 
 from hyperloop_dist.cluster.profile import ClusterProfile
 from hyperloop_dist.config import Config, ConfigError, dump_config, validate
+from hyperloop_dist.train.hang import HANG_REQUEUES
 from hyperloop_dist.train.signals import REQUEUE_EXIT
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -73,7 +74,7 @@ def render(cfg: Config, profile: ClusterProfile, run_dir: Path, workdir: Path, r
         cfg=cfg, p=profile, run_dir=run_dir, workdir=workdir, recipe_name=recipe_name,
         job_name=f"hl-{recipe_name}"[:64], nodes=cfg.parallel.nnodes, nproc=nproc,
         python=python or profile.python or sys.executable,
-        threads=max(1, profile.cpus_per_task // nproc), requeue_exit=REQUEUE_EXIT,
+        threads=max(1, profile.cpus_per_task // nproc), requeue_exit=REQUEUE_EXIT, hang_requeues=HANG_REQUEUES,
         # torchrun waits this long for its ranks to checkpoint after forwarding a signal; SLURM's own
         # deadline is the grace period, minus a margin for the requeue itself.
         shutdown_timeout=max(10, profile.signal_grace_s - 15),

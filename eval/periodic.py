@@ -31,6 +31,7 @@ from hyperloop_dist.evaluation.heldout import (
     heldout_windows,
 )
 from hyperloop_dist.model.hyper_connections import LOOPED_KINDS
+from hyperloop_dist.train.hang import inject_eval_error
 
 
 @contextlib.contextmanager
@@ -86,6 +87,7 @@ class PeriodicEval:
         was_training = self.model.training
         self.model.eval()
         try:
+            inject_eval_error(step, dist.get_rank() if dist.is_initialized() else 0)
             reduce = {"dp_rank": self.dp_rank, "dp_size": self.dp_size, "group": self.group, "device": self.device}
             total, count = heldout_nll(self.token_nll, windows, e.batch_size, **reduce)
             loss = float(total.sum()) / count

@@ -31,21 +31,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from hyperloop_dist.data.token_windows import prepare_corpus
-    from hyperloop_dist.parallel.launch import inside_launcher, launch
+    from hyperloop_dist.parallel.launch import first_failure, inside_launcher, launch
+    from hyperloop_dist.train.hang import HANG_EXIT
     from hyperloop_dist.train.signals import REQUEUE_EXIT
     from hyperloop_dist.train.trainer import run_training
 
     cfg = _load(args.config)
     if not inside_launcher():
-        prepare_corpus(cfg)
+        try:
+            prepare_corpus(cfg)
+        except DataError as exc:  # a failure of the run (exit 1), found before any process starts
+            print(f"hyperloop: training failed before start: DataError: {exc}", file=sys.stderr)
+            return 1
     try:
         results = launch(cfg, run_training, cfg)
     except ChildFailedError as exc:  # the ranks' tracebacks are above; end with the one line that matters
-        rank, failure = exc.get_first_failure()
-        reason = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
-        print(f"hyperloop: training failed (first failure: rank {rank}, exit code {failure.exitcode}): "
-              f"{reason.strip().splitlines()[0] if reason.strip() else 'see the log above'}", file=sys.stderr)
-        return 1
+        rank, exitcode, reason = first_failure(exc)
+        print(f"hyperloop: training failed (first failure: rank {rank}, exit code {exitcode}): {reason}",
+              file=sys.stderr)
+        # The hang watchdog asked for a requeue (train.requeue_on_hang): pass its status on.
+        return HANG_EXIT if any(f.exitcode == HANG_EXIT for f in exc.failures.values()) else 1
     # Stopped early by SIGUSR1/SIGTERM after a checkpoint: the status the sbatch template requeues on.
     return REQUEUE_EXIT if any(getattr(r, "stopped_by", None) for r in results) else 0
 

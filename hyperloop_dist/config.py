@@ -141,6 +141,12 @@ class TrainConfig:
     threads_per_rank: int = 1
     recompute: str = "none"  # "loop": keep activations per loop pass only (memory flat in model.loops)
     max_bad_steps: int = 3  # a non-finite loss skips the update; this many in a row stop the run (checkpointed)
+    # Hang watchdog (docs/faults.md): seconds without progress before every rank dumps its stacks to
+    # run_dir/hang/ and the job ends. Steps: None = max(120, 10 x the median step time after warm-up); 0 = off.
+    hang_timeout_s: float | None = None
+    hang_setup_timeout_s: float = 1800.0  # start-up to the first measured steps (build, resume, compile)
+    hang_checkpoint_timeout_s: float = 900.0  # one checkpoint save or one periodic evaluation
+    requeue_on_hang: bool | None = None  # None = on under SLURM: the sbatch script requeues a hung job
 
 
 @dataclass
@@ -455,6 +461,10 @@ def validate(cfg: Config) -> None:
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
     _one_of("train.recompute", t.recompute, ("none", "loop"))
     _require(t.run_dir != "", "train.run_dir: must name a directory")
+    if t.hang_timeout_s is not None:
+        _positive("train.hang_timeout_s", t.hang_timeout_s, zero_ok=True)
+    _positive("train.hang_setup_timeout_s", t.hang_setup_timeout_s)
+    _positive("train.hang_checkpoint_timeout_s", t.hang_checkpoint_timeout_s)
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
     _validate_eval(cfg)
     validate_export(cfg.export, cfg.model)

@@ -52,6 +52,8 @@ def test_rendered_script_is_valid_bash_with_the_directives(profile: Path, tmp_pa
     assert f"--nproc-per-node={cfg.parallel.nproc_per_node}" in script
     assert 'scancel --signal=USR1 "$SLURM_JOB_ID.0"' in script and "trap on_usr1 USR1" in script
     assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+    # A step the hang watchdog ended (it leaves hang/requeue) is requeued, a bounded number of times.
+    assert '[ -f "$RUN_DIR/hang/requeue" ] && [ "${SLURM_RESTART_COUNT:-0}" -lt 3 ]' in script
     assert not (run_dir / "submit.sbatch").exists(), "--dry-run writes nothing"
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -65,3 +67,19 @@ def shutdown_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def reap_children(grace_s: float = 5.0) -> None:
+    """End this process's children (loader workers) still alive when the rank stops.
+
+    A worker that outlives its loader would block Python's exit, which joins every child, and the
+    launcher would never see this rank end. Workers ignore SIGTERM (data_pipeline/stream.py), so SIGKILL.
+    """
+    children = multiprocessing.active_children()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+    for child in children:
+        if child.is_alive():
+            child.kill()
+            child.join(timeout=5)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from hyperloop_dist.config import Config
 from hyperloop_dist.model.hyperloop import HyperloopModel, build_model
 from hyperloop_dist.parallel import cpu_shim
+from hyperloop_dist.train import hang
 from hyperloop_dist.train.nonfinite import MicroLosses, all_finite, poison
 from hyperloop_dist.train.torch_optim import adamw, lr_scheduler
 
@@ -73,6 +74,7 @@ def fsdp_step(cfg: Config, model: HyperloopModel, optimizer: torch.optim.Optimiz
         loss = poison(model(tokens.to(device), labels=labels.to(device)).mean() / len(batches), step, micro)
         loss.backward()
         losses.add(loss)
+    hang.beat("backward")
     total = losses.total()
     if not all_finite(total, stop):
         return math.nan, math.nan, losses.non_finite()

@@ -6,8 +6,12 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from hyperloop_dist.config import Config
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 
 def inside_launcher() -> bool:
@@ -46,3 +50,25 @@ def launch(cfg: Config, entrypoint: Callable[..., object], *args: object) -> lis
         start_method="spawn",
     )
     return list(elastic_launch(config, entrypoint)(*args).values())
+
+
+def first_failure(exc: ChildFailedError) -> tuple[int, int, str]:
+    """(global rank, exit code, "ExceptionType: message") of the rank that failed first.
+
+    Ranks that raised left an error record (the ``record`` decorator, or the hang watchdog); the ranks the
+    launcher then stopped did not, and their "signal 15" is not the cause, so recorded errors come first.
+    """
+    def recorded(failure: object) -> str:
+        message = failure.message
+        if isinstance(message, dict):
+            message = message.get("message", "")
+        return message.strip() if isinstance(message, str) and os.path.isfile(failure.error_file) else ""
+
+    failures = exc.failures.items()
+    with_errors = [(f.timestamp, rank, f) for rank, f in failures if recorded(f)]
+    if with_errors:
+        _, rank, failure = min(with_errors, key=lambda item: (item[0], item[1]))
+        return rank, failure.exitcode, recorded(failure).splitlines()[0]
+    rank, failure = exc.get_first_failure()
+    reason = failure.signal_name() if failure.exitcode < 0 else "see the log above"
+    return rank, failure.exitcode, reason

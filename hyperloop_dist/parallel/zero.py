@@ -23,6 +23,7 @@ import torch.distributed as dist
 from hyperloop_dist.config import Config
 from hyperloop_dist.model.hyperloop import HyperloopModel, build_model
 from hyperloop_dist.parallel import cpu_shim
+from hyperloop_dist.train import hang
 from hyperloop_dist.train.torch_optim import adamw, lr_scheduler
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ def deepspeed_step(engine: DeepSpeedEngine, batches: list[tuple[torch.Tensor, to
         engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
         engine.step()  # steps the optimizer at the accumulation boundary only
         total += loss.detach().float() / len(batches)
+    hang.beat("backward")
     group = parallel_state.get_data_parallel_group()
     dist.all_reduce(total, group=group)
     grad_norm = engine.get_global_grad_norm()

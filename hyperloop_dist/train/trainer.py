@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +23,14 @@ from hyperloop_dist.data.batches import Batches, make_batches
 from hyperloop_dist.data.token_windows import prepare_corpus
 from hyperloop_dist.model.hyperloop import HyperloopModel, Stage, build_model
 from hyperloop_dist.parallel import cpu_shim
-from hyperloop_dist.parallel.distributed import RankInfo, init_distributed, shutdown_distributed
+from hyperloop_dist.parallel.distributed import (
+    RankInfo,
+    init_distributed,
+    reap_children,
+    shutdown_distributed,
+)
 from hyperloop_dist.parallel.pipeline import CircularPipeline
+from hyperloop_dist.train import hang
 from hyperloop_dist.train.metrics import MetricsLogger, window_mean
 from hyperloop_dist.train.nonfinite import BadStepTracker, MicroLosses, TrainingDiverged, all_finite, poison
 from hyperloop_dist.train.signals import StopRequest
@@ -112,6 +120,7 @@ def train_step(cfg: Config, ddp: DistributedDataParallel, optimizer: MegatronOpt
                 loss = poison(loss, step, micro)
                 loss.backward()
             losses.add(loss)
+    hang.beat("backward")
     total = losses.total()
     with cpu_shim.device_mode():
         finalize_model_grads([ddp])
@@ -137,7 +146,9 @@ def run_training(cfg: Config) -> TrainResult:
     try:
         return _train(cfg, info)
     finally:
+        hang.stop()
         shutdown_distributed()
+        reap_children()  # a loader worker left behind would block this process's exit forever
 
 
 @dataclass
@@ -195,7 +206,9 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
         prepare_corpus(cfg, log=say)  # a no-op when `hyperloop train` prepared it before launching
-    dist.barrier()
+        hang.archive_reports(run_dir)
+    attempt = _agree(uuid.uuid4().hex if info.is_main else None)  # tells this start's hang reports apart
+    _start_watchdog(cfg, run_dir, info, str(attempt))
     engine = build_engine(cfg, info)
     model, optimizer, scheduler = engine.model, engine.optimizer, engine.scheduler
     windows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * info.dp_size
@@ -206,6 +219,16 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
         data_state = training_state.load_data_state(resume_from, info.dp_rank)
         say(f"resumed from {resume_from} at step {start_step}")
     data = make_batches(cfg, info.dp_rank, info.dp_size, data_state)
+    try:
+        return _loop(cfg, info, engine, data, start_step, windows_per_step, say)
+    finally:
+        data.close()  # the trainer owns the loader's workers, on every exit path
+
+
+def _loop(cfg: Config, info: RankInfo, engine: Engine, data: Batches, start_step: int, windows_per_step: int,
+          say: Callable[..., object]) -> TrainResult:
+    run_dir = Path(cfg.train.run_dir)
+    model, optimizer, scheduler = engine.model, engine.optimizer, engine.scheduler
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full sizes
     where = "" if cfg.parallel.tp == cfg.parallel.pp == 1 else " on rank 0 (its TP shard of pipeline stage 0)"
     say(f"{cfg.model.kind}: {n_params:,} parameters{where} | {info.world_size} ranks (tp={cfg.parallel.tp}, "
@@ -221,17 +244,20 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
     tick, t_start, tokens_seen = time.perf_counter(), time.perf_counter(), 0
     step = start_step
     stop, stopped_by = StopRequest().install(), None
+    beating = _BeatOnFetch(data)
     try:
         for step in range(start_step, cfg.train.steps):
-            loss, grad_norm, bad_micro = engine.step(data, step, stop)
+            hang.section("step", step + 1)
+            hang.inject_faults(step + 1, info.rank)
+            loss, grad_norm, bad_micro = engine.step(beating, step, stop)
             scheduler.step(increment=1)  # a skipped step still consumed its data and its place in the schedule
             tokens_seen += tokens_per_step
             done = step + 1
             if tracker.record(done, loss, grad_norm, bad_micro):
                 say(tracker.diagnostic())
                 _save(cfg, run_dir, done, model, optimizer, scheduler, info, data)
-                raise TrainingDiverged(f"stopped at step {done}: {tracker.in_a_row} non-finite steps in a row "
-                                       f"(diagnostic above; last good state saved)")
+                raise TrainingDiverged(f"stopped at step {done}: {tracker.in_a_row} consecutive steps with a "
+                                       "non-finite loss (diagnostic above; last good state saved)")
             if not math.isfinite(loss):
                 say(f"step {done}: non-finite loss, update skipped ({tracker.in_a_row}/{cfg.train.max_bad_steps} "
                     "in a row)")
@@ -251,6 +277,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
                 logger.log(record)
                 logger.progress(record)
             if evaluator.due(done):
+                hang.section("eval", done)
                 record = evaluator.run(done)
                 if record:
                     logger.log(record)
@@ -272,6 +299,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
         logger.close()
     elapsed = time.perf_counter() - t_start
     tps = tokens_seen / max(elapsed, 1e-9)
+    stragglers = hang.straggler_rows(_gather(hang.median_compute_s()))
     if losses:
         n = min(100, max(1, len(losses) // 3))
         stats = data.stats()
@@ -285,6 +313,7 @@ def _train(cfg: Config, info: RankInfo) -> TrainResult:
             (f"loss, first {n} steps (mean)", f"{window_mean(losses, True, n):.4f}"),
             (f"loss, last {n} steps (mean)", f"{window_mean(losses, False, n):.4f}"),
             ("tokens/s", f"{tps:,.0f}"),
+            *stragglers,
             *([("skipped steps (non-finite loss)", str(tracker.skipped))] if tracker.skipped else []),
             *evaluator.summary_rows(),
             ("params + optimizer state, rank 0", f"{state_bytes(model, optimizer) / 2**20:.2f} MiB"),
@@ -337,8 +366,43 @@ def _agree(value: object) -> object:
     return box[0]
 
 
+def _gather(value: object) -> list[object]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _start_watchdog(cfg: Config, run_dir: Path, info: RankInfo, attempt: str) -> None:
+    t = cfg.train
+    requeue = t.requeue_on_hang if t.requeue_on_hang is not None else "SLURM_JOB_ID" in os.environ
+    allowances = hang.Allowances(setup_s=t.hang_setup_timeout_s, step_s=t.hang_timeout_s or None,
+                                 checkpoint_s=t.hang_checkpoint_timeout_s)
+    watchdog = hang.HangWatchdog(run_dir, info.rank, info.world_size, attempt, allowances, requeue=requeue)
+    watchdog.start(watch=t.hang_timeout_s != 0)
+
+
+class _BeatOnFetch:
+    """The step's data source, telling the watchdog when each micro-batch arrived (a rank that never gets
+    there is the one the others wait for)."""
+
+    def __init__(self, data: Batches) -> None:
+        self.data = data
+        self.windows_per_step = data.windows_per_step
+
+    def next(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.data.next(step, micro)
+        hang.beat("data")
+        return batch
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.data, name)
+
+
 def _save(cfg: Config, run_dir: Path, step: int, model: HyperloopModel, optimizer: MegatronOptimizer,
           scheduler: OptimizerParamScheduler, info: RankInfo, data: Batches) -> None:
+    hang.section("checkpoint", step)
     if info.is_main:
         tmp = staging_dir(run_dir, step)
         if cfg.parallel.engine == "megatron":
