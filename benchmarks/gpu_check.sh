@@ -49,6 +49,14 @@ if ! "$PY" -c 'import megatron.core, hyperloop_dist.data' >/dev/null 2>&1; then
     echo "=== installing this checkout (editable, --no-deps, nothing fetched)" | tee -a "$LOG"
     "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3 | tee -a "$LOG" || true
 fi
+if ! "$PY" -c 'import hyperloop_dist.data' >/dev/null 2>&1; then
+    # No usable setuptools there: link the three subpackages pyproject maps into the source tree instead
+    # (untracked links, for this machine only).
+    echo "=== editable install failed: linking hyperloop_dist/{data,evaluation,cluster}" | tee -a "$LOG"
+    for pair in data:data_pipeline evaluation:eval cluster:cluster; do
+        [[ -e hyperloop_dist/${pair%%:*} ]] || ln -s "../${pair#*:}" "hyperloop_dist/${pair%%:*}"
+    done
+fi
 "$PY" -c 'import megatron.core, hyperloop_dist.data, hyperloop_dist.model.attention; print("imports ok")' 2>&1 \
     | tee -a "$LOG" || true
 
