@@ -118,3 +118,19 @@ def test_training_losses_equal_across_backends(tiny_data: list[str], tmp_path: P
     assert curves["sdpa"].keys() == curves["local"].keys() == {1, 2, 3, 4}
     for step, loss in curves["local"].items():
         assert abs(curves["sdpa"][step] - loss) < 1e-4, (step, curves)
+
+
+def test_a_checkpoint_resumes_under_any_attention_backend(tmp_path: Path) -> None:
+    """The backend picks kernels, not weights: neither another value nor its absence (older checkpoints)
+    makes a checkpoint incompatible; another model field still does."""
+    from hyperloop_dist.checkpoint.store import CheckpointError
+    from hyperloop_dist.checkpoint.training_state import FORMAT_VERSION, check_compatible
+
+    saved = dataclasses.asdict(load_config(None, ["model.attention_backend=local"]).model)
+    older = {k: v for k, v in saved.items() if k != "attention_backend"}
+    for model in (saved, older):
+        meta = {"format_version": FORMAT_VERSION, "model": model, "layout": {"windows_per_step": 8}}
+        check_compatible(meta, load_config(None, ["model.attention_backend=sdpa"]), tmp_path)
+    with pytest.raises(CheckpointError, match="model.loops"):
+        check_compatible({"format_version": FORMAT_VERSION, "model": saved, "layout": {"windows_per_step": 8}},
+                         load_config(None, ["model.loops=5"]), tmp_path)
