@@ -11,6 +11,7 @@ next to one pass of the middle block: the expected overhead is ``loops x t_hc / 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
@@ -54,8 +55,12 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", default=None, help="append the figures as one JSON line to this file")
     ap.add_argument("overrides", nargs="*", default=[])
     args = ap.parse_intermixed_args()
+    if args.recipe and "=" in args.recipe:  # an override, not a recipe
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -78,6 +83,12 @@ def main() -> None:
     print(f"  one hyper-connection read+write   {parts['hc'] * 1e3:8.2f} ms  (x {parts['loops']} loops per step)")
     print(f"  one middle-block pass             {parts['middle'] * 1e3:8.2f} ms")
     print(f"  HC share of a hyperloop step      {100 * expected:8.1f}%  (loops x HC / step)")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"bench": "hc_overhead", "recipe": args.recipe, "looped_s": steps["looped"],
+                                "hyperloop_s": steps["hyperloop"], "hc_s": parts["hc"],
+                                "middle_s": parts["middle"], "loops": parts["loops"],
+                                "hc_share": expected}) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ side in one run; the ratio is ours / bare. Processes talk over gloo on the CPU (
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import torch
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--worlds", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", default=None, help="append one JSON line per (kind, DP) to this file")
     ap.add_argument("overrides", nargs="*", default=[])
     args = ap.parse_intermixed_args()
     if args.recipe and "=" in args.recipe:  # an override, not a recipe
@@ -117,6 +119,10 @@ def main() -> None:
         for world in args.worlds:
             bare, ours = out[(kind, world)]
             print(f"{kind:<12}{world:>4}{bare * 1e3:>14.1f}{ours * 1e3:>14.1f}{ours / bare:>10.2f}x")
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps({"bench": "step_overhead", "recipe": args.recipe, "kind": kind,
+                                        "dp": world, "bare_s": bare, "ours_s": ours}) + "\n")
 
 
 if __name__ == "__main__":

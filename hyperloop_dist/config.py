@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A recipe or override names an unknown field or holds an invalid value."""
 
 
+ATTENTION_BACKENDS = ("auto", "local", "sdpa", "te")
+# Model fields that choose kernels, not weights: a checkpoint resumes under any value of them.
+RUNTIME_MODEL_FIELDS = ("attention_backend",)
+
+
 @dataclass
 class HCConfig:
     streams: int = 4
@@ -50,6 +55,9 @@ class ModelConfig:
     loop_embedding: bool = True  # learned per-loop vector added to the middle block's output
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Core attention kernel (same weights and math): auto = te where Transformer Engine imports on a GPU,
+    # sdpa (torch scaled_dot_product_attention) on other GPUs, local (Megatron's unfused one) on CPU.
+    attention_backend: str = "auto"
     hc: HCConfig = field(default_factory=HCConfig)
 
     @property
@@ -379,6 +387,7 @@ def _validate_deepspeed(cfg: Config) -> None:
 def validate(cfg: Config) -> None:
     m, p, o, d, t = cfg.model, cfg.parallel, cfg.optim, cfg.data, cfg.train
     _one_of("model.kind", m.kind, KINDS)
+    _one_of("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS)
     for name in ("hidden_size", "num_heads", "middle_layers", "loops", "vocab_size", "seq_length"):
         _positive(f"model.{name}", getattr(m, name))
     _positive("model.begin_layers", m.begin_layers, zero_ok=True)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from hyperloop_dist.checkpoint.safe_pickle import check_dcp_metadata
 from hyperloop_dist.checkpoint.store import CheckpointError
-from hyperloop_dist.config import Config, dump_config
+from hyperloop_dist.config import RUNTIME_MODEL_FIELDS, Config, dump_config
 
 if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
@@ -176,7 +176,7 @@ def check_compatible(meta: dict, cfg: Config, path: Path, windows_per_step: int 
                               "(written by another hyperloop_dist version)")
     saved, current = meta["model"], dataclasses.asdict(cfg.model)
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r} vs recipe {v!r}" for k, v in current.items()
-             if saved.get(k) != v]
+             if saved.get(k) != v and k not in RUNTIME_MODEL_FIELDS]
     if diffs:
         raise CheckpointError(f"{path} was trained with another model config: " + "; ".join(diffs)
                               + ". Use the checkpoint's own config.yaml, or a new train.run_dir")

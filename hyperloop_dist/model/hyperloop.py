@@ -67,21 +67,39 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, precision: str = "fp32",
     )
 
 
-def layer_spec() -> tuple[ModuleSpec, type]:
-    """(layer spec, norm class): Transformer Engine's when it imports on a GPU, else Megatron's local one."""
-    # Megatron's TE extension module imports without TE installed (its names are then undefined): ask for TE.
-    if cpu_shim.cuda_available() and importlib.util.find_spec("transformer_engine") is not None:
-        try:
-            from megatron.core.extensions.transformer_engine import TENorm
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+def resolve_attention_backend(backend: str) -> str:
+    """``auto`` -> Transformer Engine when it imports on a GPU, else SDPA on a GPU, else Megatron's local one."""
+    te_found = cpu_shim.cuda_available() and importlib.util.find_spec("transformer_engine") is not None
+    if backend == "auto":
+        # CPU keeps the local spec: its losses are this project's recorded reference figures.
+        return "te" if te_found else ("sdpa" if cpu_shim.cuda_available() else "local")
+    if backend == "te" and not te_found:
+        raise ValueError("model.attention_backend='te': Transformer Engine needs a GPU and the "
+                         "transformer_engine package; use 'sdpa' or 'local'")
+    return backend
 
-            return get_gpt_layer_with_transformer_engine_spec(), TENorm
-        except ImportError:
-            pass
+
+def layer_spec(backend: str = "auto") -> tuple[ModuleSpec, type]:
+    """(layer spec, norm class) for ``model.attention_backend`` (see :func:`resolve_attention_backend`)."""
+    backend = resolve_attention_backend(backend)
+    if backend == "te":
+        # Megatron's TE extension module imports without TE installed (its names are then undefined).
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(), TENorm
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    return get_gpt_layer_local_spec(normalization="RMSNorm"), WrappedTorchNorm
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if backend == "sdpa":
+        from hyperloop_dist.model.attention import SDPAttention
+
+        # Only the core attention changes: the QKV and output projections (and so the checkpoint) stay.
+        attn = spec.submodules.self_attention
+        attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=SDPAttention))
+        spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
+    return spec, WrappedTorchNorm
 
 
 @contextlib.contextmanager
@@ -153,7 +171,7 @@ class HyperloopModel(MegatronModule):
         # pipeline parallelism at config load, so no embedding gradient crosses stages.
         self.pre_process, self.post_process = stage.first, stage.last
         self.share_embeddings_and_output_weights = cfg.tie_embeddings and stage.size == 1
-        spec, norm_cls = layer_spec()
+        spec, norm_cls = layer_spec(cfg.attention_backend)
         sizes = block_sizes(cfg)
 
         def block(num_layers: int, name: str) -> TransformerBlock | None:
