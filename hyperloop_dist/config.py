@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from hyperloop_dist.model.hyper_connections import KINDS, LOOPED_KINDS
+from hyperloop_dist.model.hyper_connections import HC_RES_MODES, KINDS, LOOPED_KINDS
 
 
 class ConfigError(ValueError):
@@ -32,9 +32,16 @@ RUNTIME_MODEL_FIELDS = ("attention_backend",)
 @dataclass
 class HCConfig:
     streams: int = 4
+    # H_res form (the paper's Table 6 rows): diagonal (sigmoid gates per stream), sinkhorn (dense doubly
+    # stochastic, mHC's), identity (H_res = I, no parameters). None = each kind's paper form: diagonal for
+    # hyperloop, sinkhorn for mhc.
+    res: str | None = None
     sinkhorn_iters: int = 20
     per_loop_params: bool = True  # separate HC weights for each loop iteration (hyperloop)
     alpha_init: float = 0.01
+
+    def res_for(self, kind: str) -> str:
+        return self.res or ("sinkhorn" if kind == "mhc" else "diagonal")
 
 
 @dataclass
@@ -404,6 +411,8 @@ def validate(cfg: Config) -> None:
         _positive("model.ffn_hidden_size", m.ffn_hidden_size)
     _positive("model.hc.streams", m.hc.streams)
     _positive("model.hc.sinkhorn_iters", m.hc.sinkhorn_iters)
+    if m.hc.res is not None:
+        _one_of("model.hc.res", m.hc.res, HC_RES_MODES)
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.init_std", m.init_std)
 

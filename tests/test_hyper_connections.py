@@ -83,22 +83,35 @@ def test_expand_collapse_round_trip() -> None:
     torch.testing.assert_close(collapse_streams(s), x)
 
 
-def test_fresh_hyper_connection_is_a_residual_connection() -> None:
-    """At init, equal streams stay equal and each gets x + (f(x) - x) = f(x): a plain looped step."""
+@pytest.mark.parametrize("res", ["diagonal", "sinkhorn", "identity"])
+def test_fresh_hyper_connection_reads_the_mean_and_writes_the_whole_output(res: str) -> None:
+    """At init (the paper gives none; docs/model.md): H_pre reads the stream mean, H_post writes F(x) to every
+    stream, H_res keeps half of each stream (diagonal), mixes them doubly stochastically (sinkhorn) or keeps
+    them (identity). Equal streams stay equal: Y' = r Y + F(x) with r = 0.5, 1, 1."""
     torch.manual_seed(0)
-    hc = HyperConnection(hidden_size=8, streams=4)
+    hc = HyperConnection(hidden_size=8, streams=4, res=res)
     x = torch.randn(3, 2, 8)
     f = torch.nn.Linear(8, 8)
     out = hc(expand_streams(x, 4), lambda h: h + f(h))
+    keep = 0.5 if res == "diagonal" else 1.0
     for i in range(4):
-        torch.testing.assert_close(out[..., i, :], x + f(x), atol=2e-2, rtol=0)  # alphas are small, not 0
+        torch.testing.assert_close(out[..., i, :], keep * x + x + f(x), atol=2e-2, rtol=0)  # alphas small, not 0
     h_pre, h_post, h_res = hc.gates(expand_streams(x, 4))
-    assert h_pre.shape == (3, 2, 4) and h_post.shape == (3, 2, 4) and h_res.shape == (3, 2, 4, 4)
-    torch.testing.assert_close(h_res.sum(-1), torch.ones(3, 2, 4), atol=1e-5, rtol=0)
+    assert h_pre.shape == (3, 2, 4) and h_post.shape == (3, 2, 4)
+    res_params = {n for n, _ in hc.named_parameters()}
+    if res == "diagonal":
+        assert h_res.shape == (3, 2, 4) and ((h_res > 0) & (h_res < 1)).all()
+        assert hc.proj.weight.shape == (12, 32) and hc.bias_res.shape == (4,)
+    elif res == "sinkhorn":
+        assert h_res.shape == (3, 2, 4, 4) and hc.proj.weight.shape == (24, 32) and hc.bias_res.shape == (4, 4)
+        torch.testing.assert_close(h_res.sum(-1), torch.ones(3, 2, 4), atol=1e-5, rtol=0)
+    else:
+        assert h_res is None and "bias_res" not in res_params and hc.proj.weight.shape == (8, 32)
+        assert hc.alpha.shape == (2,)
 
 
 def test_hyper_connection_counts() -> None:
     assert num_hyper_connections("hyperloop", loops=3, depth=8, per_loop_params=True) == 3
     assert num_hyper_connections("hyperloop", loops=3, depth=8, per_loop_params=False) == 1
-    assert num_hyper_connections("mhc", loops=3, depth=8, per_loop_params=True) == 8
+    assert num_hyper_connections("mhc", loops=3, depth=8, per_loop_params=True) == 16  # attention + MLP
     assert num_hyper_connections("looped", loops=3, depth=8, per_loop_params=True) == 0

@@ -37,13 +37,17 @@ def tokens(cfg: ModelConfig, batch: int = 3, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("variant", ["default", "gqa_untied", "shared_hc"])
+@pytest.mark.parametrize("variant", ["default", "gqa_untied", "shared_hc", "res_sinkhorn", "res_identity"])
 def test_megatron_matches_reference(kind: str, variant: str) -> None:
     cfg = dataclasses.replace(SMALL, kind=kind)
     if variant == "gqa_untied":
         cfg = dataclasses.replace(cfg, num_query_groups=2, tie_embeddings=False, begin_layers=0)
     elif variant == "shared_hc":
         cfg = dataclasses.replace(cfg, hc=HCConfig(per_loop_params=False, streams=3), loop_embedding=False)
+    elif variant.startswith("res_"):
+        if kind not in ("mhc", "hyperloop"):
+            pytest.skip("no hyper-connections")
+        cfg = dataclasses.replace(cfg, hc=HCConfig(res=variant[4:], alpha_init=0.5))
     model = build(cfg)
     perturb_identity_params(model)
     ref = ReferenceModel(cfg)
@@ -74,16 +78,30 @@ def _copy_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
     assert all(k.startswith(own) or k.endswith("_extra_state") for k in result.missing_keys)
 
 
-def test_hyperloop_with_one_stream_at_identity_equals_looped() -> None:
+@pytest.mark.parametrize("res", ["diagonal", "identity"])
+def test_hyperloop_with_one_stream_reduces_to_the_looped_model(res: str) -> None:
+    """n = 1, alpha = 0: H_pre = 1, H_post = 1. A closed diagonal gate (b_res = -40) leaves
+    Y' = F(Y) + e, the plain looped model; H_res = I leaves Y' = Y + F(Y) + e, the looped model with a skip
+    around each loop. The paper's write of the whole block output, on the looped model's own weights."""
     looped_cfg = dataclasses.replace(SMALL, kind="looped")
-    hyper_cfg = dataclasses.replace(SMALL, kind="hyperloop", hc=HCConfig(streams=1, alpha_init=0.0))
+    hyper_cfg = dataclasses.replace(SMALL, kind="hyperloop", hc=HCConfig(streams=1, alpha_init=0.0, res=res))
     looped, hyper = build(looped_cfg), build(hyper_cfg)
     with torch.no_grad():
         looped.loop_embedding.normal_(std=0.1)
+        if res == "diagonal":
+            for hc in hyper.hc:
+                hc.bias_res.fill_(-40.0)
     _copy_weights(looped, hyper)
     x = tokens(SMALL)
-    # alpha = 0 and n = 1: H_pre = sigmoid(logit(1 - 1e-7)) = 1, H_post = 2 sigmoid(0) = 1, H_res = 1.
-    torch.testing.assert_close(hyper(x), looped(x), atol=1e-5, rtol=0)
+    if res == "diagonal":
+        expected = looped(x)
+    else:
+        with torch.no_grad():
+            state = looped.embed(x)
+            for loop in range(SMALL.loops):
+                state = state + looped.run_middle(state) + looped.loop_embedding[loop]
+            expected = looped.finish(state)
+    torch.testing.assert_close(hyper(x), expected, atol=1e-5, rtol=0)
 
 
 def test_looped_once_without_hc_equals_transformer() -> None:

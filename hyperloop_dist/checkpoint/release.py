@@ -23,7 +23,7 @@ from hyperloop_dist.checkpoint.store import CheckpointError, resolve_checkpoint
 from hyperloop_dist.config import HCConfig, ModelConfig, load_config
 from hyperloop_dist.model.reference import ReferenceModel, from_megatron_state_dict
 
-RELEASE_FORMAT = "hyperloop-release-1"
+RELEASE_FORMAT = "hyperloop-release-2"
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -110,6 +110,12 @@ def export_release(source: str | Path, out: str | Path) -> Path:
 
 def release_config(path: str | Path) -> ModelConfig:
     info = json.loads((Path(path) / "config.json").read_text())
+    if info.get("format") == "hyperloop-release-1":
+        from hyperloop_dist.checkpoint.training_state import HC_FORM_CHANGE
+
+        raise CheckpointError(f"{path}: a hyperloop-release-1 release holds the earlier model form "
+                              f"({HC_FORM_CHANGE}); {RELEASE_FORMAT} follows the paper. Export again from a "
+                              "checkpoint trained with this version")
     if info.get("format") != RELEASE_FORMAT:
         raise CheckpointError(f"{path}: not a {RELEASE_FORMAT} release (format {info.get('format')!r})")
     fields = dict(info["model"])

@@ -35,7 +35,11 @@ if TYPE_CHECKING:
 
     from hyperloop_dist.model.hyperloop import HyperloopModel
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+OLD_HC_FORMATS = (1, 2)  # before the paper's hyper-connection form
+HC_FORM_CHANGE = ("the Hyperloop's H_res became the paper's diagonal sigmoid gate (was a dense Sinkhorn matrix), "
+                  "the loop writes the middle block's whole output (was F(x) - x), and the mhc baseline has two "
+                  "hyper-connections per layer (was one)")
 # The distributed optimizer's default ('fully_sharded_model_space') fails in 0.16.1 (Megatron-LM #2956).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -171,6 +175,10 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def check_compatible(meta: dict, cfg: Config, path: Path, windows_per_step: int | None = None) -> None:
+    if meta.get("format_version") in OLD_HC_FORMATS:
+        raise CheckpointError(f"{path}: format version {meta['format_version']} holds the earlier model form "
+                              f"(version {FORMAT_VERSION} follows the paper): {HC_FORM_CHANGE}. It cannot be "
+                              "resumed or converted; train again (a new train.run_dir)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta.get('format_version')} is not {FORMAT_VERSION} "
                               "(written by another hyperloop_dist version)")

@@ -1,23 +1,25 @@
-"""The Hyperloop math: mHC hyper-connections and the begin / looped middle / end topology.
+"""The Hyperloop math: hyper-connections and the begin / looped middle / end topology.
 
 Plain PyTorch, no Megatron: both the Megatron model (``hyperloop.py``) and its plain twin
 (``reference.py``) run their blocks through :func:`run_body`, so the four model kinds differ only here.
+docs/model.md gives the equations with the paper's numbers.
 
-Residual state ``S`` has shape ``[s, b, n, d]`` (n streams of width d, Megatron's sequence-first layout).
-One hyper-connection wraps a function ``F`` (the whole middle block for ``hyperloop``, one layer for
-``mhc``)::
+Residual state ``Y`` has shape ``[s, b, n, d]`` (n streams of width d, Megatron's sequence-first layout).
+One hyper-connection wraps a function ``F``::
 
-    z      = RMSNorm(flatten(S))                        # [s, b, n*d]
-    H_pre  = sigmoid(a_pre  * z W_pre  + b_pre)          # [s, b, n]     read weights
-    H_post = 2 sigmoid(a_post * z W_post + b_post)       # [s, b, n]     write weights
-    H_res  = Sinkhorn(a_res * z W_res + b_res)           # [s, b, n, n]  doubly stochastic stream mixing
-    x      = H_pre . S                                   # [s, b, d]
-    S'     = H_res . S + H_post^T (F(x) - x)
+    z      = RMSNorm(flatten(Y))                          # [s, b, n*d], no learned scale
+    H_pre  = sigmoid(a_pre  * z W_pre  + b_pre)            # [s, b, n]   read weights
+    H_post = 2 sigmoid(a_post * z W_post + b_post)         # [s, b, n]   write weights
+    H_res  = diag(sigmoid(a_res * z W_res + b_res))        # hc.res=diagonal (the Hyperloop's; W_res n x nd)
+           | Sinkhorn(a_res * z W_res + b_res)             # hc.res=sinkhorn (mHC's; W_res n^2 x nd)
+           | I                                             # hc.res=identity (no parameters)
+    x      = H_pre . Y                                     # [s, b, d]   F's input
+    Y'     = H_res Y + H_post (F(x) + e)                   # e: the loop position embedding, if any
 
-Our reading (PAPER.md writes ``H_post^T y`` with ``y = F(x)``): our blocks carry their own residual
-connections, so the hyper-connection wraps the block's residual *branch* ``F(x) - x`` and the identity path
-runs through ``H_res``, as in the HC papers. Feeding ``F(x)`` itself would add the stream to itself every
-loop. With n = 1 and the gates at identity this reduces exactly to the plain looped model.
+For ``hyperloop`` F is the whole middle block, written back as it comes out (its layers keep their own
+skip connections), once per loop, with each loop's own parameters and e_l. For ``mhc`` F is one attention
+or MLP sub-layer's branch (``attn(norm(x))``, ``mlp(norm(x))``), two hyper-connections per layer, with no
+skip of its own: the residual path is ``H_res``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ Block = Callable[[torch.Tensor], torch.Tensor]
 KINDS = ("transformer", "mhc", "looped", "hyperloop")
 LOOPED_KINDS = ("looped", "hyperloop")
 HC_KINDS = ("mhc", "hyperloop")
+HC_RES_MODES = ("diagonal", "sinkhorn", "identity")
 
 
 _LOG_FLOOR = -60.0  # exp(-60) ~ 1e-26: entries this far below their row's largest are treated as zero
@@ -134,64 +137,79 @@ def collapse_streams(streams: torch.Tensor) -> torch.Tensor:
 
 
 class HyperConnection(nn.Module):
-    """One dynamic mHC hyper-connection over ``n`` streams of width ``d``.
+    """One dynamic hyper-connection over ``n`` streams of width ``d``; ``res`` picks the H_res form.
 
-    Initialized to behave like a plain residual connection: ``H_pre`` reads the stream mean, ``H_post``
-    writes 1 to every stream, ``H_res`` is near identity; the dynamic parts are scaled by small alphas.
+    Initialization (the paper gives none; docs/model.md has the reasons): ``H_pre`` reads the stream mean
+    (b_pre = logit(1/n)), ``H_post`` writes 1 to every stream (b_post = 0), the data-dependent parts start
+    small (W ~ N(0, 0.02), every a = ``alpha_init``). ``diagonal``: b_res = 0, each stream keeps half of
+    itself (the sigmoid's steepest point, so the gate learns fastest either way). ``sinkhorn``: b_res = I,
+    a mild diagonal preference (a near-permutation would make Sinkhorn converge slowly).
     """
 
-    def __init__(self, hidden_size: int, streams: int, sinkhorn_iters: int = 20, alpha_init: float = 0.01,
-                 eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, streams: int, res: str = "diagonal", sinkhorn_iters: int = 20,
+                 alpha_init: float = 0.01, eps: float = 1e-6) -> None:
         super().__init__()
+        if res not in HC_RES_MODES:
+            raise ValueError(f"hyper-connection res={res!r}: one of {', '.join(HC_RES_MODES)}")
         n, d = streams, hidden_size
-        self.streams, self.sinkhorn_iters = n, sinkhorn_iters
+        self.streams, self.res, self.sinkhorn_iters = n, res, sinkhorn_iters
+        self.res_width = {"diagonal": n, "sinkhorn": n * n, "identity": 0}[res]
         self.norm = nn.RMSNorm(n * d, eps=eps, elementwise_affine=False)
-        # W_pre | W_post | W_res fused into one projection: [(n*d) -> n + n + n*n].
-        self.proj = nn.Linear(n * d, 2 * n + n * n, bias=False)
-        self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))
+        # W_pre | W_post | W_res fused into one projection: [(n*d) -> n + n + res_width].
+        self.proj = nn.Linear(n * d, 2 * n + self.res_width, bias=False)
+        self.alpha = nn.Parameter(torch.full((2 if res == "identity" else 3,), float(alpha_init)))
         read = min(1.0 / n, 1.0 - 1e-7)  # sigmoid can't reach 1; 1 - 1e-7 rounds to 1 in float32
         self.bias_pre = nn.Parameter(torch.full((n,), math.log(read / (1.0 - read))))
         self.bias_post = nn.Parameter(torch.zeros(n))  # 2 * sigmoid(0) = 1
-        # A mild diagonal preference: any doubly stochastic H_res keeps the initially equal streams equal, so
-        # the fresh model is the plain looped one either way, and a near-permutation (e.g. 8 I) would make
-        # Sinkhorn converge slowly (row sums off by ~1e-2 after 20 iterations).
-        self.bias_res = nn.Parameter(torch.eye(n))
+        if res == "diagonal":
+            self.bias_res = nn.Parameter(torch.zeros(n))
+        elif res == "sinkhorn":
+            self.bias_res = nn.Parameter(torch.eye(n))
         nn.init.normal_(self.proj.weight, std=0.02)
 
-    def gates(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``H_pre [.., n]``, ``H_post [.., n]``, ``H_res [.., n, n]`` for residual state ``[.., n, d]``."""
+    def gates(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``H_pre [.., n]``, ``H_post [.., n]`` and ``H_res``: ``[.., n]`` (the diagonal), ``[.., n, n]``
+        (Sinkhorn) or None (identity), for residual state ``[.., n, d]``."""
         # The gates are computed in fp32 whatever the activation dtype: 20 Sinkhorn iterations in bf16 leave
         # row / column sums off by ~1e-2, and the gates are tiny next to the block's matmuls.
         n, dtype = self.streams, streams.dtype
         z = self.norm(streams.flatten(-2).float())
         raw = nn.functional.linear(z, self.proj.weight.float())
-        raw_pre, raw_post, raw_res = raw.split((n, n, n * n), dim=-1)
+        raw_pre, raw_post, raw_res = raw.split((n, n, self.res_width), dim=-1)
         alpha = self.alpha.float()
         h_pre = torch.sigmoid(alpha[0] * raw_pre + self.bias_pre.float())
         h_post = 2.0 * torch.sigmoid(alpha[1] * raw_post + self.bias_post.float())
-        res_logits = alpha[2] * raw_res.unflatten(-1, (n, n)) + self.bias_res.float()
-        h_res = sinkhorn(res_logits, self.sinkhorn_iters)
+        if self.res == "identity":
+            return h_pre.to(dtype), h_post.to(dtype), None
+        if self.res == "diagonal":
+            h_res = torch.sigmoid(alpha[2] * raw_res + self.bias_res.float())
+        else:
+            h_res = sinkhorn(alpha[2] * raw_res.unflatten(-1, (n, n)) + self.bias_res.float(), self.sinkhorn_iters)
         return h_pre.to(dtype), h_post.to(dtype), h_res.to(dtype)
 
-    def read(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The block input ``x = H_pre . S`` and the gates the write-back will need."""
+    def read(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """F's input ``x = H_pre . Y`` and the gates the write will need."""
         h_pre, h_post, h_res = self.gates(streams)
         # A weighted sum over the small stream dim: einsum would run it as [tokens] 1 x n matmuls (4x slower on CPU).
         return (h_pre.unsqueeze(-1) * streams).sum(-2), h_post, h_res
 
     @staticmethod
-    def write(streams: torch.Tensor, x: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor,
-              h_res: torch.Tensor, out_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``S' = H_res . S + H_post^T (y - x [+ bias])`` for the block output ``y = F(x)``."""
-        branch = y - x
+    def write(streams: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None,
+              out_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``Y' = H_res Y + H_post (y [+ e])`` for F's output ``y``; H_res as :meth:`gates` returns it."""
         if out_bias is not None:
-            branch = branch + out_bias
-        mixed = mix_streams(h_res, streams)
-        return mixed + h_post.unsqueeze(-1) * branch.unsqueeze(-2)
+            y = y + out_bias
+        if h_res is None:
+            carried = streams
+        elif h_res.dim() == streams.dim() - 1:  # the diagonal: one gate per stream
+            carried = h_res.unsqueeze(-1) * streams
+        else:
+            carried = mix_streams(h_res, streams)
+        return carried + h_post.unsqueeze(-1) * y.unsqueeze(-2)
 
     def forward(self, streams: torch.Tensor, block: Block, out_bias: torch.Tensor | None = None) -> torch.Tensor:
         x, h_post, h_res = self.read(streams)
-        return self.write(streams, x, block(x), h_post, h_res, out_bias)
+        return self.write(streams, block(x), h_post, h_res, out_bias)
 
 
 Carry = tuple[torch.Tensor, ...] | None
@@ -200,7 +218,7 @@ Carry = tuple[torch.Tensor, ...] | None
 def num_hyper_connections(kind: str, loops: int, depth: int, per_loop_params: bool) -> int:
     """How many distinct HyperConnection modules a kind owns (0 for the kinds without HC)."""
     if kind == "mhc":
-        return depth
+        return 2 * depth  # one around each attention and each MLP sub-layer
     if kind == "hyperloop":
         return loops if per_loop_params else 1
     return 0
@@ -226,12 +244,12 @@ def loop_boundary(kind: str, loop: int, passes: int, carry: Carry, y: torch.Tens
     if loop == 0:
         state = expand_streams(y, streams)
     else:
-        state_prev, x_prev, h_post, h_res = carry
-        state = HyperConnection.write(state_prev, x_prev, y, h_post, h_res, bias)
+        state_prev, h_post, *h_res = carry  # (identity H_res carries nothing)
+        state = HyperConnection.write(state_prev, y, h_post, h_res[0] if h_res else None, bias)
     if loop == passes:
         return None, collapse_streams(state)
     x, h_post, h_res = hcs[loop % len(hcs)].read(state)
-    return (state, x, h_post, h_res), x
+    return (state, h_post) + (() if h_res is None else (h_res,)), x
 
 
 def run_body(kind: str, x: torch.Tensor, *, begin: Block | None, middle: Block, end: Block | None,
@@ -239,15 +257,16 @@ def run_body(kind: str, x: torch.Tensor, *, begin: Block | None, middle: Block, 
              loop_embedding: torch.Tensor | None = None, streams: int = 1) -> torch.Tensor:
     """Run the layer stack of any model kind on embeddings ``x [s, b, d]``.
 
-    ``begin``/``middle``/``end`` are the three blocks (begin/end None when empty). ``layers`` lists every
-    layer in order (used by ``mhc``, which wraps each layer in its own hyper-connection). ``hcs`` are the
-    kind's HyperConnection modules; for ``hyperloop`` with one shared module it is reused every loop.
-    ``loop_embedding[i]`` is added to loop i's output (looped kinds).
+    ``begin``/``middle``/``end`` are the three blocks (begin/end None when empty). ``layers`` lists, for
+    ``mhc``, every layer's residual-free sub-layer branches in order (attention, MLP, attention, ...), each
+    wrapped in its own hyper-connection. ``hcs`` are the kind's HyperConnection modules; for ``hyperloop``
+    with one shared module it is reused every loop. ``loop_embedding[i]`` is added to loop i's output
+    (looped kinds).
     """
     if kind == "mhc":
         state = expand_streams(x, streams)
-        for hc, layer in zip(hcs, layers, strict=True):
-            state = hc(state, layer)
+        for hc, branch in zip(hcs, layers, strict=True):
+            state = hc(state, branch)
         return collapse_streams(state)
     y = begin(x) if begin is not None else x
     passes, carry = num_passes(kind, loops), None

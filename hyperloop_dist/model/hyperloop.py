@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 from megatron.core.utils import get_pg_rank
 
 from hyperloop_dist.config import ModelConfig
-from hyperloop_dist.model.hyper_connections import Carry, loop_boundary, num_passes, run_body
+from hyperloop_dist.model.hyper_connections import Block, Carry, loop_boundary, num_passes, run_body
 from hyperloop_dist.model.layout import block_sizes, make_hyper_connections, make_loop_embedding
 from hyperloop_dist.parallel import cpu_shim
 
@@ -261,22 +261,36 @@ class HyperloopModel(MegatronModule):
         cfg = self.cfg
         assert self.stage.size == 1, "a pipelined model runs through parallel/pipeline.py"
         x = self.embedding(tokens, position_ids=None)
-        layers = [
-            (lambda h, layer=layer: layer(h, attention_mask=cpu_shim.causal_mask(h.shape[0]),
-                                          rotary_pos_emb=self.rotary(h.shape[0]))[0])
-            for blk in self.blocks() for layer in blk.layers
-        ]
+        branches = [f for blk in self.blocks() for layer in blk.layers for f in sub_layer_branches(layer, self.rotary)]
         x = run_body(
             cfg.kind, x,
             begin=None if self.begin is None else (lambda h: self._run(self.begin, h)),
             middle=self.run_middle,
             end=None,
-            loops=cfg.loops, layers=layers, hcs=list(self.hc),
+            loops=cfg.loops, layers=branches, hcs=list(self.hc),
             loop_embedding=self.loop_embedding, streams=cfg.hc.streams,
         )
         if cfg.kind == "mhc":  # mhc's layers include the end block's; finish() must not run it again
             return self.head(x, labels)
         return self.finish(x, labels)
+
+
+def sub_layer_branches(layer: TransformerLayer, rotary: RotaryEmbedding) -> tuple[Block, Block]:
+    """A Megatron layer's two residual-free branches, ``attn(norm(x))`` and ``mlp(norm(x))``: what the mHC
+    baseline wraps, one hyper-connection each. The layer's own modules, called from outside: with the
+    Transformer-Engine spec ``input_layernorm`` is an identity and the norm is fused into ``linear_qkv``."""
+
+    def attention(h: torch.Tensor) -> torch.Tensor:
+        seq = h.shape[0]
+        out, bias = layer.self_attention(layer.input_layernorm(h), attention_mask=cpu_shim.causal_mask(seq),
+                                         rotary_pos_emb=rotary(seq))
+        return out if bias is None else out + bias
+
+    def mlp(h: torch.Tensor) -> torch.Tensor:
+        out, bias = layer.mlp(layer.pre_mlp_layernorm(h))
+        return out if bias is None else out + bias
+
+    return attention, mlp
 
 
 def build_model(cfg: ModelConfig, tp: int = 1, stage: Stage = Stage(), precision: str = "fp32",

@@ -16,7 +16,8 @@ with each query group's ``q`` heads, then its ``k``, then its ``v``; ``linear_fc
 =================================================  ==========================================
 ``embedding.word_embeddings.weight``               token embedding ``[vocab, hidden]``
 ``{begin,middle,end}.layers.{i}.*``                 Transformer layers (see above)
-``hc.{k}.proj.weight / alpha / bias_*``             hyper-connections (kinds mhc, hyperloop)
+``hc.{k}.proj.weight / alpha / bias_*``             hyper-connections (hyperloop: one per loop; mhc: 2k
+                                                    around layer k's attention, 2k+1 around its MLP)
 ``loop_embedding``                                  ``[loops, hidden]`` (looped kinds, optional)
 ``final_norm.weight``                               final RMSNorm
 ``output_layer.weight``                             LM head (absent when embeddings are tied)
@@ -90,9 +91,16 @@ class Layer(nn.Module):
         self.pre_mlp_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
+    def attention_branch(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        """``attn(norm(x))``: the sub-layer without its residual add (what an mHC hyper-connection wraps)."""
+        return self.self_attention(self.input_layernorm(x), angles)
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.pre_mlp_layernorm(x))
+
     def forward(self, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), angles)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
+        x = x + self.attention_branch(x, angles)
+        return x + self.mlp_branch(x)
 
 
 class Block(nn.Module):
@@ -141,13 +149,14 @@ class ReferenceModel(nn.Module):
         cfg = self.cfg
         x = self.embedding.word_embeddings(tokens).transpose(0, 1)
         angles = rope_tables(tokens.shape[1], cfg.hidden_size // cfg.num_heads, cfg.rope_base, x.device)
-        layers = [lambda h, layer=layer: layer(h, angles) for blk in self.blocks() for layer in blk.layers]
+        branches = [f for blk in self.blocks() for layer in blk.layers
+                    for f in (lambda h, layer=layer: layer.attention_branch(h, angles), layer.mlp_branch)]
         x = run_body(
             cfg.kind, x,
             begin=None if self.begin is None else (lambda h: self.begin(h, angles)),
             middle=lambda h: self.middle(h, angles),
             end=None if self.end is None else (lambda h: self.end(h, angles)),
-            loops=cfg.loops, layers=layers, hcs=list(self.hc),
+            loops=cfg.loops, layers=branches, hcs=list(self.hc),
             loop_embedding=self.loop_embedding, streams=cfg.hc.streams,
         )
         return self.final_norm(x)
