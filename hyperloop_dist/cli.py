@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("params", help="parameter / FLOP table of a recipe and its baselines")
+    p = sub.add_parser("params", help="parameter / FLOP table of a recipe and its baselines; first column: the "
+                       "paper's count (untied LM head in, input embedding out)")
     p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
     p.set_defaults(func=cmd_params)
 

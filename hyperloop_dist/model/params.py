@@ -2,6 +2,10 @@
 
 Counts come from the real module tree (the reference model built on the meta device, so a 7B recipe
 costs no memory); its parameter set equals the Megatron model's (tested).
+
+The paper's convention (Table 1, and our recipe names) counts the untied LM head and leaves out the input
+embedding: a lookup table costs no compute, the head is a matmul over every token. With tied embeddings
+the one matrix is the head, so it is counted once.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from hyperloop_dist.config import ModelConfig
-from hyperloop_dist.model.hyper_connections import KINDS
+from hyperloop_dist.model.hyper_connections import KINDS, num_hyper_connections
 from hyperloop_dist.model.reference import ReferenceModel
+
+PAPER_LABEL = "params (paper: + head, - input embedding)"
 
 
 @dataclass
@@ -24,10 +30,16 @@ class ParamReport:
     unique_layers: int
     effective_depth: int
     train_flops_per_token: float
+    tied: bool = False
 
     @property
     def non_embedding(self) -> int:
         return self.total - self.embedding
+
+    @property
+    def paper(self) -> int:
+        """The paper's count: the LM head in, the input embedding out (tied: the shared matrix once)."""
+        return self.total if self.tied else self.total - self.embedding
 
 
 def report(cfg: ModelConfig) -> ParamReport:
@@ -41,12 +53,15 @@ def report(cfg: ModelConfig) -> ParamReport:
     layer = sum(p.numel() for p in model.middle.layers[0].parameters() if p.dim() == 2)
     head = cfg.vocab_size * cfg.hidden_size
     hc_proj = model.hc[0].proj.weight.numel() if len(model.hc) else 0
-    hc_applications = {"mhc": cfg.effective_depth, "hyperloop": cfg.loops}.get(cfg.kind, 0)
+    # Every HC module runs once per token (mhc: two per layer), except shared hyperloop HCs, one per loop.
+    hc_applications = cfg.loops if cfg.kind == "hyperloop" else num_hyper_connections(
+        cfg.kind, cfg.loops, cfg.effective_depth, cfg.hc.per_loop_params)
     # Matmul parameters touched per token, loop repeats included (the embedding is a lookup).
     matmul = cfg.effective_depth * layer + head + hc_applications * hc_proj
     attention = 2 * 2 * cfg.effective_depth * cfg.seq_length * cfg.hidden_size  # QK^T and AV, forward
     flops = 3 * (2 * matmul + attention)  # forward + backward (2x forward)
-    return ParamReport(cfg.kind, total, embedding, hc, cfg.unique_layers, cfg.effective_depth, flops)
+    return ParamReport(cfg.kind, total, embedding, hc, cfg.unique_layers, cfg.effective_depth, flops,
+                       cfg.tie_embeddings)
 
 
 def compare_kinds(cfg: ModelConfig) -> list[ParamReport]:
@@ -56,15 +71,16 @@ def compare_kinds(cfg: ModelConfig) -> list[ParamReport]:
 
 
 def format_table(reports: list[ParamReport]) -> str:
+    """One row per kind; the paper-convention count comes first so it reads against Table 1."""
     base = next(r for r in reports if r.kind == "transformer")
-    header = ("kind", "total", "non-emb", "HC params", "HC %", "unique/eff. layers", "train GFLOP/tok",
-              "params vs transformer")
+    header = ("kind", PAPER_LABEL, "total", "non-emb", "HC params", "HC %", "unique/eff. layers",
+              "train GFLOP/tok", "params vs transformer (paper)")
     rows = [header]
     for r in reports:
         rows.append((
-            r.kind, f"{r.total / 1e6:,.1f}M", f"{r.non_embedding / 1e6:,.1f}M", f"{r.hc:,}",
-            f"{100 * r.hc / r.total:.3f}%", f"{r.unique_layers}/{r.effective_depth}",
-            f"{r.train_flops_per_token / 1e9:.3f}", f"{r.total / base.total:.3f}",
+            r.kind, f"{r.paper / 1e6:,.1f}M", f"{r.total / 1e6:,.1f}M", f"{r.non_embedding / 1e6:,.1f}M",
+            f"{r.hc:,}", f"{100 * r.hc / r.total:.3f}%", f"{r.unique_layers}/{r.effective_depth}",
+            f"{r.train_flops_per_token / 1e9:.3f}", f"{r.paper / base.paper:.3f}",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
