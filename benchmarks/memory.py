@@ -9,7 +9,7 @@ tensor its own mapping, so the resident set follows live tensors); on CUDA it is
 
     python benchmarks/memory.py                              # a 2.6M-parameter model, 7 layouts, CPU
     python benchmarks/memory.py --layouts single,pp2 model.kind=transformer
-    python benchmarks/memory.py recipes/hyperloop-1.1b.yaml --device cuda --layouts single train.micro_batch_size=1
+    python benchmarks/memory.py recipes/hyperloop-991m.yaml --device cuda --layouts single train.micro_batch_size=1
 
 ``--measure OVERRIDE...`` is the per-rank worker (run under torchrun-style environment variables); it prints
 one JSON line. ``tests/test_plan.py`` uses it to hold the estimate within 15% of the measurement.

@@ -12,7 +12,7 @@ causal kernel skips the masked half). ``--backends`` runs each kind once per ``m
 ``+fused`` suffix also switches Megatron's torch AdamW to ``fused=True`` (hyperloop_dist/fusions.py).
 
     python benchmarks/mfu.py                                   # tiny-cpu on CPU, fp32
-    python benchmarks/mfu.py recipes/hyperloop-1.1b.yaml --device cuda --kinds hyperloop transformer
+    python benchmarks/mfu.py recipes/hyperloop-991m.yaml --device cuda --kinds hyperloop transformer
     python benchmarks/mfu.py benchmarks/hyperloop-579m.yaml --device cuda --kinds hyperloop transformer \
         --backends local sdpa sdpa+fused
 """

@@ -1,5 +1,5 @@
 """`hyperloop plan`: the memory formula against measured peaks of real CPU training steps, the layouts it
-offers, and the ladder rule every paper-scale recipe follows."""
+offers, the paper's training setup in its three recipes, and the ladder rule of the two larger ones."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hyperloop_dist.cli import main
 from hyperloop_dist.cluster.ladder import ladder
 from hyperloop_dist.cluster.plan import Hardware, Layout, estimate, parse_mem, plan
-from hyperloop_dist.config import ConfigError, load_config
+from hyperloop_dist.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -57,7 +57,7 @@ def test_plan_ranks_fitting_layouts_and_scales_with_the_cluster(capsys) -> None:
     assert all(cfg.model.middle_layers % e.layout.pp == 0 for e in big)
     assert not any(e.fits for e in plan(cfg, Hardware(gpus=8, gpu_mem_bytes=16e9)))
 
-    assert main(["plan", str(REPO / "recipes" / "hyperloop-1.1b.yaml"), "--gpus", "64", "--gpu-mem", "80GB"]) == 0
+    assert main(["plan", str(REPO / "recipes" / "hyperloop-991m.yaml"), "--gpus", "64", "--gpu-mem", "80GB"]) == 0
     out = capsys.readouterr().out
     assert "best: parallel.engine=" in out and "total GiB" in out
     assert main(["plan", "--gpus", "12", "--gpus-per-node", "8"]) == 2
@@ -69,8 +69,34 @@ def test_parse_mem() -> None:
         parse_mem("lots")
 
 
-@pytest.mark.parametrize("name", ["180m", "500m", "1.1b", "3b", "7b"])
-def test_recipes_follow_the_ladder_rule(name: str) -> None:
+# The paper's section 4.1 and appendix A: (d, begin / middle / end, warm-up steps, Table 1's tokens).
+PAPER_SETUP = {"136m": (1024, (2, 4, 2), 1000, 12.5e9), "579m": (2048, (3, 4, 3), 2000, 50e9),
+               "991m": (2048, (4, 10, 4), 2000, 100e9)}
+PAPER_TASKS = ["arc_challenge", "arc_easy", "copa", "hellaswag", "lambada_openai", "lambada_standard", "openbookqa",
+               "piqa", "race", "sciq", "winogrande"]
+
+
+@pytest.mark.parametrize("name", list(PAPER_SETUP))
+def test_paper_recipes_carry_the_paper_setup(name: str) -> None:
+    cfg = load_config(REPO / "recipes" / f"hyperloop-{name}.yaml")
+    d, (begin, middle, end), warmup, tokens = PAPER_SETUP[name]
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    assert (m.kind, m.hidden_size, m.num_heads, m.query_groups, m.ffn_size) == ("hyperloop", d, 16, 16, 11 * d // 4)
+    assert (m.begin_layers, m.middle_layers, m.end_layers, m.loops) == (begin, middle, end, 3)
+    assert (m.vocab_size, m.seq_length, m.rope_base, m.tie_embeddings, m.loop_embedding) == (32000, 2048, 1e4, False, True)
+    assert (m.hc.streams, m.hc.res_for("hyperloop"), m.hc.res_for("mhc"), m.hc.per_loop_params) == (
+        4, "diagonal", "sinkhorn", True)
+    assert (o.lr, o.min_lr, o.warmup_steps, o.schedule) == (4e-4, 4e-5, warmup, "cosine")
+    assert (o.beta1, o.beta2, o.weight_decay, o.grad_clip) == (0.9, 0.95, 0.1, 1.0)
+    assert t.micro_batch_size * t.grad_accum * cfg.data_parallel_size == 256
+    assert t.steps == round(tokens / (256 * 2048))
+    assert cfg.eval.tasks == PAPER_TASKS
+    assert cfg.eval.windows * m.seq_length == pytest.approx(50e6, rel=1e-4)  # the paper's 50M held-out tokens
+    _assert_own_layout_fits(cfg, name)
+
+
+@pytest.mark.parametrize("name", ["3b", "7b"])
+def test_larger_recipes_follow_the_ladder_rule(name: str) -> None:
     cfg = load_config(REPO / "recipes" / f"hyperloop-{name}.yaml")
     point = ladder(cfg.model)
     t = cfg.train
@@ -78,7 +104,17 @@ def test_recipes_follow_the_ladder_rule(name: str) -> None:
     assert cfg.optim.lr == pytest.approx(point.lr, rel=1e-3)
     assert cfg.optim.min_lr == pytest.approx(point.min_lr, rel=1e-3)
     assert (t.steps, cfg.optim.warmup_steps) == (point.steps, point.warmup_steps)
-    # The recipe's own layout fits 80 GB GPUs by the planner's estimate.
+    # The paper's family rule: FFN 2.75 d, MHA with head dim 128, 32k vocabulary untied, 3 loops, begin = end.
+    m = cfg.model
+    assert (m.ffn_size, m.query_groups, m.hidden_size // m.num_heads) == (11 * m.hidden_size // 4, m.num_heads, 128)
+    assert (m.vocab_size, m.tie_embeddings, m.loops, m.begin_layers) == (32000, False, 3, m.end_layers)
+    assert 0.2 <= m.begin_layers / m.unique_layers <= 0.3
+    _assert_own_layout_fits(cfg, name)
+
+
+def _assert_own_layout_fits(cfg: Config, name: str) -> None:
+    """The recipe's own layout fits 80 GB GPUs by the planner's estimate."""
+    t = cfg.train
     p = cfg.parallel
     engine = "megatron+distopt" if p.distributed_optimizer else p.engine
     est = estimate(cfg, Layout(p.tp, p.pp, cfg.data_parallel_size, engine, t.recompute, t.micro_batch_size,
@@ -99,4 +135,4 @@ def test_validate_builds_every_shard_of_a_1024_gpu_layout() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     shards = ast.literal_eval(proc.stdout.split("SHARDS ")[1].strip())
     assert [(r, t, s) for r, t, s, _ in shards] == [(0, 0, 0), (1, 1, 0), (512, 0, 1), (513, 1, 1)]
-    assert "add up to the model's 6,896.1M parameters" in proc.stdout
+    assert "add up to the model's 7,393.4M parameters" in proc.stdout

@@ -20,7 +20,7 @@ PROFILES = sorted(PROFILES_DIR.glob("*.yaml"))
 def _recipe_for(profile: Path) -> list[str]:
     p = load_profile(profile)
     if p.gpus_per_node:
-        return [str(REPO / "recipes" / "hyperloop-1.1b.yaml"), f"parallel.nnodes={min(4, p.max_nodes)}",
+        return [str(REPO / "recipes" / "hyperloop-991m.yaml"), f"parallel.nnodes={min(4, p.max_nodes)}",
                 f"parallel.nproc_per_node={p.gpus_per_node}"]
     return [str(REPO / "recipes" / "tiny-cpu.yaml")]
 
