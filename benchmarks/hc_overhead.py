@@ -5,7 +5,7 @@ time goes, one hyper-connection (read + write, forward + backward, at the step's
 next to one pass of the middle block: the expected overhead is ``loops x t_hc / t_step``.
 
     python benchmarks/hc_overhead.py                                   # tiny-cpu on CPU
-    python benchmarks/hc_overhead.py recipes/hyperloop-1.1b.yaml --device cuda train.micro_batch_size=1
+    python benchmarks/hc_overhead.py recipes/hyperloop-991m.yaml --device cuda train.micro_batch_size=1
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def hc_breakdown(recipe: str | None, overrides: list[str], reps: int) -> dict[st
 
         def hc_step() -> None:
             x, h_post, h_res = hc.read(streams)
-            HyperConnection.write(streams, x, x * 1.5, h_post, h_res).float().sum().backward()
+            HyperConnection.write(streams, x * 1.5, h_post, h_res).float().sum().backward()
 
         def middle_step() -> None:
             model.run_middle(x_mid).float().sum().backward()

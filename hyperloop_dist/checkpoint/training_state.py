@@ -75,7 +75,7 @@ def restore_adam_step(optimizer: MegatronOptimizer, step: int) -> None:
 def prepare_adam_state_for_loading(optimizer: MegatronOptimizer) -> None:
     """Give a fresh torch-Adam fallback optimizer its full state (moments and ``step``) before Megatron
     builds the loading template: without ``step`` in the template the checkpoint's step is not read and
-    Adam silently restarts its bias correction (``shared/MEGATRON_CPU.md``, item 5b)."""
+    Adam silently restarts its bias correction (``docs/megatron_cpu.md``, item 5b)."""
     for opt in torch_optimizers(optimizer):
         for group in opt.param_groups:
             for p in group["params"]:

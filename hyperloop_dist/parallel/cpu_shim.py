@@ -1,6 +1,6 @@
 """Let Megatron-core 0.16.1 run on CPU over gloo; inert when CUDA is present.
 
-Megatron-core assumes CUDA in a few places (see ``shared/MEGATRON_CPU.md`` for the measured list):
+Megatron-core assumes CUDA in a few places (``docs/megatron_cpu.md`` has the measured list):
 ``torch.cuda.current_device()`` as an allocation device (P1), the CUDA RNG tracker (P2, P2b),
 ``device="cuda"`` literals in the schedules, optimizer and grad clipping (P3), ``torch.cuda.synchronize``
 in p2p communication (P4) and ``Tensor.type() == 'torch.cuda.FloatTensor'`` checks (P5).
