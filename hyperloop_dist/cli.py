@@ -1,5 +1,5 @@
-"""The ``hyperloop`` command: ``train``, ``data``, ``export``, ``params``, ``submit``, ``plan``, ``sweep``,
-``scaling fit``.
+"""The ``hyperloop`` command: ``train``, ``data``, ``export``, ``eval``, ``analyze``, ``params``, ``submit``,
+``plan``, ``sweep``, ``scaling fit``.
 
 Every subcommand takes an optional recipe (default: the embedded tiny-cpu recipe) followed by
 ``section.field=value`` overrides, validated like the recipe.
@@ -142,6 +142,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from hyperloop_dist.evaluation.analysis import analyze, tables
+
+    # Items with "=" are data overrides for every model, the rest the models to compare (argparse hands
+    # overrides written after --compare OTHER to --compare).
+    items = [*args.config, *(args.compare or [])]
+    paths, overrides = [c for c in items if "=" not in c], [c for c in items if "=" in c]
+    results, out = analyze(paths, overrides, windows=args.windows, batch_size=args.batch_size,
+                           device=args.device, out=args.out)
+    print(tables(results))
+    print(f"figures and results written to {out}/ (cosine_heatmap.png, logit_lens.png, analysis.json)")
+    return 0
+
+
 def _export_int4(settings: list[str], source: str, out: str, fmt: str | None) -> int:
     from hyperloop_dist.export.quantize_release import export_int4
 
@@ -269,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-dir", help="where to write the local tasks (lm_eval --include_path reads it)")
     p.add_argument("--out", help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="the paper's section 4.4 analyses: cross-loop similarity, residual "
+                                       "cosine heatmap, logit lens (any kind, held-out windows)")
+    p.add_argument("config", nargs="+", metavar="RUN_OR_RELEASE",
+                   help="releases or run / checkpoint directories (several are compared side by side), then "
+                        "[section.field=value ...] for the held-out data (default: each run's recipe)")
+    p.add_argument("--compare", nargs="+", metavar="OTHER", help="more models to put side by side")
+    p.add_argument("--windows", type=int, help="held-out windows (default eval.windows)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    p.add_argument("--out", help="output directory (default RUN_OR_RELEASE/analysis)")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("params", help="parameter / FLOP table of a recipe and its baselines; first column: the "
                        "paper's count (untied LM head in, input embedding out)")
