@@ -151,7 +151,8 @@ def activation_bytes(m: ModelConfig, tp: int, pp: int, stage: int, micro_batch: 
         transient = middle_here * per_layer  # one pass recomputed during backward
     else:
         kept, transient = passes * per_layer, 0.0
-    hc_apps = {"hyperloop": m.loops if stage == 0 else 0, "mhc": passes}.get(m.kind, 0)
+    # mhc: one hyper-connection around each attention and each MLP sub-layer
+    hc_apps = {"hyperloop": m.loops if stage == 0 else 0, "mhc": 2 * passes}.get(m.kind, 0)
     kept += hc_apps * elem * tokens * (2 * m.hc.streams + 1) * h
     if stage == pp - 1:
         kept += elem * tokens * 3 * h + 4 * tokens * m.vocab_size / tp
