@@ -20,7 +20,9 @@ TABLE="$OUT/gpu_check_table.txt"
 : >"$LOG"
 : >"$JSON"
 export PYTHONUNBUFFERED=1
-RECIPE=benchmarks/hyperloop-579m.yaml
+RECIPE=recipes/hyperloop-579m.yaml
+# The paper's 579M configuration on one GPU: micro-batch 4 x grad_accum 4 (mfu.py makes the layout one rank).
+SHAPE=(train.micro_batch_size=4 train.grad_accum=4)
 T0=$(date +%s)
 SUMMARY=()
 
@@ -63,11 +65,11 @@ fi
 # Ordered by what the issue needs most, so a slow piece costs the least important figures.
 piece sdpa_kernels 30 "$PY" benchmarks/sdpa_kernels.py --device cuda --batch 4 --heads 16 --seq 2048 --head-dim 128
 piece mfu 180 "$PY" benchmarks/mfu.py "$RECIPE" --device cuda --kinds hyperloop transformer \
-    --backends sdpa sdpa+fused local --steps 4 --warmup 2 --json "$JSON"
+    --backends sdpa sdpa+fused local --steps 4 --warmup 2 --json "$JSON" "${SHAPE[@]}"
 piece hc_overhead 75 "$PY" benchmarks/hc_overhead.py "$RECIPE" --device cuda --steps 4 --warmup 2 \
-    --json "$JSON" train.grad_accum=1
+    --json "$JSON" "${SHAPE[@]}" train.grad_accum=1
 piece step_overhead 75 "$PY" benchmarks/step_overhead.py "$RECIPE" --device cuda --worlds 1 --kinds hyperloop \
-    --steps 4 --warmup 2 --json "$JSON" train.grad_accum=1
+    --steps 4 --warmup 2 --json "$JSON" "${SHAPE[@]}" train.grad_accum=1
 piece gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
 
 "$PY" - "$JSON" <<'EOF' 2>&1 | tee "$TABLE" | tee -a "$LOG" || true

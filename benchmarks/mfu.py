@@ -13,7 +13,7 @@ causal kernel skips the masked half). ``--backends`` runs each kind once per ``m
 
     python benchmarks/mfu.py                                   # tiny-cpu on CPU, fp32
     python benchmarks/mfu.py recipes/hyperloop-991m.yaml --device cuda --kinds hyperloop transformer
-    python benchmarks/mfu.py benchmarks/hyperloop-579m.yaml --device cuda --kinds hyperloop transformer \
+    python benchmarks/mfu.py recipes/hyperloop-579m.yaml --device cuda --kinds hyperloop transformer \
         --backends local sdpa sdpa+fused
 """
 
