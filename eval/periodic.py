@@ -12,10 +12,9 @@ Under pipeline parallelism these two are skipped with a note; run ``hyperloop ev
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,19 +31,6 @@ from hyperloop_dist.evaluation.heldout import (
 )
 from hyperloop_dist.model.hyper_connections import LOOPED_KINDS
 from hyperloop_dist.train.hang import inject_eval_error
-
-
-@contextlib.contextmanager
-def _whole_root(model: torch.nn.Module) -> Iterator[None]:
-    """FSDP2: gather the root unit's parameters while the model's pieces are called one by one."""
-    if not hasattr(model, "unshard"):
-        yield
-        return
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
 
 
 class PeriodicEval:
@@ -97,9 +83,12 @@ class PeriodicEval:
             if self.per_loop:
                 from hyperloop_dist.evaluation.loops import loop_nll, megatron_parts
 
-                curve = loop_nll(megatron_parts(self.model))
-                with _whole_root(self.model):
-                    totals, _ = heldout_nll(curve, windows, e.batch_size, **reduce)
+                def curve(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+                    # Through the model's own forward, so sharded parameters are gathered as in training.
+                    return self.model(tokens, labels=labels,
+                                      pieces=lambda model, t, y: loop_nll(megatron_parts(model))(t, y))
+
+                totals, _ = heldout_nll(curve, windows, e.batch_size, **reduce)
                 for k, value in enumerate(totals.tolist(), start=1):
                     record[f"eval/loop_{k}/loss"] = value / count
             if self.tasks:

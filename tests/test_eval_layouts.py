@@ -1,7 +1,7 @@
 """Held-out loss, the per-loop curve and lm-eval requests on 2 real ranks, against one process and reference.py.
 
 One spawn group of 2 gloo processes evaluates the same seeded model (CPU initialization is layout
-independent) as DP=2, TP=2, PP=2 and FSDP2 (DP=2), then runs lm-eval local tasks with the requests split
+independent) as DP=2, TP=2, PP=2, FSDP2 (DP=2) and DeepSpeed ZeRO-3 (DP=2), then runs lm-eval local tasks with the requests split
 over the two data-parallel ranks. The test process computes the single-process figures and the
 plain-PyTorch reference.
 """
@@ -36,14 +36,15 @@ def _config(overrides: list[str]) -> Config:
 def _heldout(cfg: Config, model: torch.nn.Module, token_nll, dp_rank: int, dp_size: int, group) -> dict:
     from hyperloop_dist.evaluation.heldout import heldout_nll, heldout_windows
     from hyperloop_dist.evaluation.loops import loop_nll, megatron_parts
-    from hyperloop_dist.evaluation.periodic import _whole_root
 
     windows = heldout_windows(cfg, WINDOWS)
     total, count = heldout_nll(token_nll, windows, BATCH, dp_rank, dp_size, group)
     out = {"loss": float(total.sum()) / count}
-    if model is not None:
-        with _whole_root(model):
-            curve, _ = heldout_nll(loop_nll(megatron_parts(model)), windows, BATCH, dp_rank, dp_size, group)
+    if model is not None:  # the per-loop readout runs inside the model's forward, as periodic eval runs it
+        def curve_nll(t: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+            return model(t, labels=lab, pieces=lambda m, tt, ll: loop_nll(megatron_parts(m))(tt, ll))
+
+        curve, _ = heldout_nll(curve_nll, windows, BATCH, dp_rank, dp_size, group)
         out["curve"] = (curve / count).tolist()
     return out
 
@@ -59,6 +60,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], task_dir: st
     from hyperloop_dist.parallel.pipeline import CircularPipeline
 
     cpu_shim.enable()
+    os.environ["LOCAL_RANK"] = str(rank)  # what torchrun sets; DeepSpeed insists on it
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     cfg = _config(overrides)
     report = {}
@@ -85,6 +87,18 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], task_dir: st
             with torch.no_grad():
                 report["tasks"] = run_tasks(lm, TASKS, task_dir, TASK_LIMIT)
         ps.destroy_model_parallel()
+    # ZeRO-3 (DP=2): parameters partitioned, gathered by DeepSpeed's hooks, the per-loop readout included.
+    from hyperloop_dist.parallel.zero import build_deepspeed_training
+
+    ps.initialize_model_parallel(1, 1)
+    cpu_shim.seed_model_parallel(0)
+    zero3 = _config([*overrides, "parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.nproc_per_node=2"])
+    engine, _, _ = build_deepspeed_training(zero3)
+    engine.eval()
+    with torch.no_grad():
+        report["zero3"] = _heldout(zero3, engine, lambda t, lab: engine(t, labels=lab), ps.get_data_parallel_rank(),
+                                   ps.get_data_parallel_world_size(), ps.get_data_parallel_group())
+    ps.destroy_model_parallel()
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
@@ -125,7 +139,7 @@ def test_heldout_loss_is_the_same_on_every_layout_and_equals_reference(layouts: 
     assert single["megatron"]["loss"] == pytest.approx(expected, rel=1e-6)
     assert abs(expected - 6.24) > 0.05, "the wide init should move the loss away from uniform"
     for report in layouts["ranks"]:
-        for name in ("dp2", "tp2", "pp2", "fsdp"):
+        for name in ("dp2", "tp2", "pp2", "fsdp", "zero3"):
             assert report[name]["loss"] == pytest.approx(expected, rel=1e-6), name
 
 
@@ -136,7 +150,7 @@ def test_per_loop_curve_has_one_point_per_loop_and_ends_at_the_loss(layouts: dic
     assert reference_curve[-1] == pytest.approx(single["megatron"]["loss"], rel=1e-6)
     assert len(set(round(v, 6) for v in reference_curve)) == loops, "each loop changes the readout"
     for report in layouts["ranks"]:
-        for name in ("dp2", "tp2", "fsdp"):
+        for name in ("dp2", "tp2", "fsdp", "zero3"):
             assert report[name]["curve"] == pytest.approx(reference_curve, rel=1e-6), name
     from hyperloop_dist.evaluation.heldout import heldout_nll, heldout_windows
     from hyperloop_dist.evaluation.loops import loop_nll, reference_parts

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -256,8 +256,17 @@ class HyperloopModel(MegatronModule):
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1).contiguous()
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The whole model on one pipeline stage."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                pieces: Callable[[HyperloopModel, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+                ) -> torch.Tensor:
+        """The whole model on one pipeline stage.
+
+        With ``pieces``, returns ``pieces(self, tokens, labels)`` instead: code that calls the model's parts
+        one by one (the per-loop readout) runs inside this forward, so a sharding engine (ZeRO-3, FSDP)
+        gathers the root's parameters for it exactly as for a normal forward.
+        """
+        if pieces is not None:
+            return pieces(self, tokens, labels)
         cfg = self.cfg
         assert self.stage.size == 1, "a pipelined model runs through parallel/pipeline.py"
         x = self.embedding(tokens, position_ids=None)
