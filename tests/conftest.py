@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+
+from hyperloop_dist.parallel.launch import free_port  # (the spawn tests import it from here too)
 
 FIXTURE_CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 REPO = Path(__file__).resolve().parents[1]
@@ -22,12 +23,6 @@ def _offline_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["WANDB_SILENT"] = "true"
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

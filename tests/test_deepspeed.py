@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -19,7 +21,10 @@ COMMON = ["data.loader=windows", f"train.steps={STEPS}", "train.save_interval=3"
 # ZeRO-2 runs with per-loop activation recompute: the looped middle block's weights are used L times per
 # step and recomputed in backward, the case DeepSpeed issues #988 / #2103 report as "gradient computed twice".
 # It also offloads the optimizer (ZeRO-Offload: state and step on the CPU copy).
-STAGES = {1: [], 2: ["train.recompute=loop", "parallel.offload_optimizer=true"], 3: []}
+# ZeRO-3 also evaluates as the README's runs do (periodic eval on, the per-loop readout included): eval reads
+# no training randomness, so its losses still equal the single process's.
+STAGES = {1: [], 2: ["train.recompute=loop", "parallel.offload_optimizer=true"],
+          3: ["eval.interval=3", "eval.windows=8"]}
 
 
 # Tensor parallel through Megatron's parallel state as DeepSpeed's mpu: TP 2 x DP 1, two micro-batches.
@@ -59,6 +64,15 @@ def test_zero_matches_single_process(runs: dict, stage: int) -> None:
     assert sorted(run) == list(range(1, STEPS + 1))
     for step in range(1, 6):
         assert run[step] == pytest.approx(ref[step], rel=1e-4), (stage, step)
+
+
+@pytest.mark.slow
+def test_zero3_runs_periodic_eval(runs: dict) -> None:
+    rows = [json.loads(line) for line in (runs[3] / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval/loss" in r}
+    assert sorted(evals) == [3, 6], rows
+    for r in evals.values():
+        assert math.isfinite(r["eval/loss"]) and len([k for k in r if k.startswith("eval/loop_")]) == 3
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("megatron_world")]
 
 STEPS = 6
 COMMON = ["data.loader=windows", f"train.steps={STEPS}", "train.save_interval=3"]
-FSDP2 = ["parallel.engine=fsdp", "parallel.nproc_per_node=2"]
+FSDP2 = ["parallel.engine=fsdp", "parallel.nproc_per_node=2", "eval.interval=3", "eval.windows=8"]  # eval on
 SINGLE = ["parallel.nproc_per_node=1", "train.grad_accum=2"]
 
 
@@ -32,6 +33,11 @@ def runs(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict
 def _state_mib(log: str) -> float:
     line = next(line for line in log.splitlines() if line.startswith("params + optimizer state, rank 0"))
     return float(line.split("|")[1].split()[0])
+
+
+def test_fsdp_runs_periodic_eval(runs: dict) -> None:
+    rows = [json.loads(line) for line in (runs["fsdp"] / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in rows if "eval/loss" in r) == [3, 6]
 
 
 def test_fsdp_holds_about_half_the_state_per_rank_on_two_ranks(runs: dict) -> None:

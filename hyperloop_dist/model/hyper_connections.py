@@ -34,7 +34,6 @@ Block = Callable[[torch.Tensor], torch.Tensor]
 
 KINDS = ("transformer", "mhc", "looped", "hyperloop")
 LOOPED_KINDS = ("looped", "hyperloop")
-HC_KINDS = ("mhc", "hyperloop")
 HC_RES_MODES = ("diagonal", "sinkhorn", "identity")
 
 
