@@ -27,7 +27,8 @@ from collections.abc import Callable
 
 import torch
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense bf16 peaks by device name, most specific first: the H100's PCIe and NVL parts are slower than SXM.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 # The paper's own per-GPU training throughput (Table 1, plain PyTorch + torch.compile on 8x H100), printed
 # beside ours for the recipe of that size.
 PAPER_TOKENS_PER_S = {"hyperloop-579m": ("Hyperloop 579M, Table 1, per H100", 44_250.0)}

@@ -94,7 +94,9 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     m = cfg.model
-    print(f"{args.config[0] if args.config else 'tiny-cpu (default)'}: hidden {m.hidden_size}, heads {m.num_heads}, "
+    recipe, overrides = _split_recipe(args.config)
+    name = (recipe or "tiny-cpu (default)") + (f" with {' '.join(overrides)}" if overrides else "")
+    print(f"{name}: hidden {m.hidden_size}, heads {m.num_heads}, "
           f"vocab {m.vocab_size}, seq {m.seq_length}, begin/middle/end {m.begin_layers}/{m.middle_layers}/"
           f"{m.end_layers} x {m.loops} loops, {m.hc.streams} streams")
     print(format_table(compare_kinds(m)))
