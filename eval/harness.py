@@ -5,6 +5,9 @@ tasks (hellaswag, arc_easy, piqa, lambada_openai, wikitext, ...) are selectable 
 costs seconds, so the built-in index is only loaded when such a task is asked for. A built-in task whose
 dataset cannot be fetched (no hub access here) stops with a message naming the task and the dataset,
 instead of a stack trace.
+
+Items too long for the model's window are scored as lm-eval's HF model scores them (see ``lm_eval_model``);
+the number whose continuation had to be cut shows as ``long_items`` beside the task's metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 
 from hyperloop_dist.evaluation.loading import EvalError
 from hyperloop_dist.evaluation.local_tasks import LOCAL_TASKS
+
+LONG_ITEMS = "long_items"  # items per task whose continuation was cut to the window, beside lm-eval's metrics
 
 
 def _quiet_lm_eval() -> None:
@@ -89,13 +94,19 @@ def run_tasks(lm: Any, tasks: list[str], task_dir: str | Path | None, limit: int
         results = simple_evaluate(model=lm, tasks=objects, task_manager=manager, limit=limit, log_samples=False,
                                   bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                                   fewshot_random_seed=0)
+    # every rank takes part (a gather over the data-parallel group); rank 0's own config counts only its share
+    long_items = lm.long_item_counts() if hasattr(lm, "long_item_counts") else None
     if results is None:
         return None
+    if long_items is not None:
+        results.setdefault("config", {})[LONG_ITEMS] = long_items
     return scores(results)
 
 
 def scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """lm-eval's ``results`` section as ``{task: {metric: value}}`` (filter suffixes and stderrs dropped)."""
+    """lm-eval's ``results`` section as ``{task: {metric: value}}`` (filter suffixes and stderrs dropped),
+    plus ``long_items`` for the tasks that had some (from the config our model adds to lm-eval's results, so
+    a ``hyperloop-lm-eval --output_path`` JSON gives the same table)."""
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
@@ -103,8 +114,13 @@ def scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
             if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
             out.setdefault(task, {})[metric] = float(value)
+    for task, count in (results.get("config", {}).get(LONG_ITEMS) or {}).items():
+        out.setdefault(task, {})[LONG_ITEMS] = float(count)
     return out
 
 
 def format_scores(table: dict[str, dict[str, float]]) -> list[tuple[str, str]]:
-    return [(task, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())) for task, metrics in table.items()]
+    def cell(metric: str, value: float) -> str:
+        return f"{metric} {int(value)}" if metric == LONG_ITEMS else f"{metric} {value:.4f}"
+
+    return [(task, ", ".join(cell(k, v) for k, v in metrics.items())) for task, metrics in table.items()]

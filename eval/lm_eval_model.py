@@ -11,10 +11,16 @@ collective; generation then runs ``max_gen_toks`` steps on every rank and cuts a
 From lm-eval's side (``lm_eval --model hyperloop --model_args path=...``) the model is loaded with
 :func:`hyperloop_dist.evaluation.loading.load_for_eval`: a release, a run or checkpoint directory, or any
 format registered there (INT4).
+
+Long items are handled as lm-eval's HF model handles them: a (context, continuation) pair longer than the
+``max_length`` window loses context from the left. A continuation longer than the window on its own is
+scored on its last ``max_length`` tokens, without its context; such items are counted per task
+(:meth:`HyperloopLM.long_item_counts`, ``long_items`` in lm-eval's results config) and logged.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,8 +31,24 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from hyperloop_dist.data.tokenizer import EOS_ID, PAD_ID
+from hyperloop_dist.evaluation.harness import LONG_ITEMS
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+_log = logging.getLogger(__name__)
+
+
+def scoring_window(context: list[int], continuation: list[int], max_length: int
+                   ) -> tuple[list[int], int, list[int]]:
+    """(model input, position of the first scored token's log-probs, scored tokens) for one pair.
+
+    The input is the last ``max_length + 1`` tokens of context + continuation less the last one, as in
+    lm-eval's HF model, so context is dropped from the left. When the continuation alone is longer than
+    ``max_length``, only its last ``max_length`` tokens have a prediction inside the window: those are scored.
+    """
+    whole = (context + continuation)[-(max_length + 1):]
+    kept = min(len(continuation), len(whole) - 1)
+    return whole[:-1], len(whole) - 1 - kept, continuation[len(continuation) - kept:]
 
 
 @register_model("hyperloop")
@@ -64,6 +86,10 @@ class HyperloopLM(TemplateLM):
         self.max_gen_toks = max_gen_toks
         self._group = None
         self._device = torch.device("cpu")
+        # (task, doc_id) of items whose continuation was cut to the window; a set because a multiple-choice
+        # item has one request per choice
+        self._long: set[tuple[str, int]] = set()
+        self._cut: list[bool] = []
 
     # ------------------------------------------------------------------ tokens
 
@@ -121,29 +147,58 @@ class HyperloopLM(TemplateLM):
             return F.log_softmax(self._logits_fn(tokens).float().cpu(), dim=-1)
 
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """(sum of log p(continuation | context), greedy?) per (context, continuation) token pair."""
-        rows, spans = [], []
-        for context, continuation in pairs:
-            whole = (context + continuation)[-(self.max_length + 1):]
-            rows.append(whole[:-1])
-            spans.append((len(whole) - 1 - len(continuation), continuation))
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # similar lengths batch together
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        """(sum of log p(continuation | context), greedy?) per (context, continuation) token pair, both over
+        the part of the continuation that fits the window (:func:`scoring_window`)."""
+        windows = [scoring_window(context, continuation, self.max_length) for context, continuation in pairs]
+        # similar lengths batch together
+        order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(windows)
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for b in range(self._same_count(len(batches))):
             batch = batches[b] if b < len(batches) else []
-            logp = self._log_probs([rows[i] for i in batch] or [[EOS_ID]])
+            logp = self._log_probs([windows[i][0] for i in batch] or [[EOS_ID]])
             for j, i in enumerate(batch):
-                start, continuation = spans[i]
-                lp = logp[j, start:start + len(continuation)]
-                target = torch.tensor(continuation, dtype=torch.long)
+                _, start, scored = windows[i]
+                lp = logp[j, start:start + len(scored)]
+                target = torch.tensor(scored, dtype=torch.long)
                 total = float(lp.gather(-1, target[:, None]).sum())
                 results[i] = (total, bool((lp.argmax(-1) == target).all()))
         return results
 
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # TemplateLM tokenizes and calls _loglikelihood_tokens, which notes the cut pairs in request order
+        self._cut = []
+        results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        new = {(str(r.task_name), int(r.doc_id if r.doc_id is not None else -1))
+               for r, cut in zip(requests, self._cut, strict=True) if cut} - self._long
+        if new:
+            self._long |= new
+            tasks = ", ".join(f"{task} {n}" for task, n in _per_task(new).items())
+            where = f" on rank {self.rank}" if self.world_size > 1 else ""
+            _log.warning("%d item(s) with a continuation longer than seq_length %d%s (%s): scored its last "
+                         "%d tokens, without the context", len(new), self.max_length, where, tasks,
+                         self.max_length)
+        return results
+
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: object
                               ) -> list[tuple[float, bool]]:
+        self._cut = [len(cont) > self.max_length for _, _, cont in requests]
         return self._score([(list(ctx), list(cont)) for _, ctx, cont in requests])
+
+    def long_item_counts(self) -> dict[str, int]:
+        """Items per task whose continuation was cut to its last ``max_length`` tokens, over all data-parallel
+        ranks (a collective when ``world_size > 1``: every rank calls it)."""
+        long = self._long
+        if self.world_size > 1:
+            parts: list = [None] * self.world_size
+            dist.all_gather_object(parts, sorted(long), group=self._group)
+            # one item's choices can be dealt to different ranks, so items are merged, not counts summed
+            long = {tuple(item) for part in parts for item in part}
+        return _per_task(long)
+
+    def get_model_info(self) -> dict[str, object]:
+        # lm-eval puts this into results["config"] (its --output_path JSON) on rank 0, after the run
+        return {LONG_ITEMS: _per_task(self._long)}
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         pairs, owner = [], []
@@ -179,6 +234,13 @@ class HyperloopLM(TemplateLM):
                 cut = _stop_at(text, until)
                 out.append(text if cut is None else text[:cut])
         return out
+
+
+def _per_task(items: set[tuple[str, int]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for task, _ in sorted(items):
+        counts[task] = counts.get(task, 0) + 1
+    return counts
 
 
 def _stop_at(text: str, until: list[str]) -> int | None:
