@@ -36,17 +36,17 @@ def tokens(cfg: ModelConfig, batch: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (batch, cfg.seq_length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("variant", ["default", "gqa_untied", "shared_hc", "res_sinkhorn", "res_identity"])
+@pytest.mark.parametrize(("kind", "variant"), [
+    *((k, v) for k in KINDS for v in ("default", "gqa_untied", "shared_hc")),
+    *((k, v) for k in ("mhc", "hyperloop") for v in ("res_sinkhorn", "res_identity", "res_diagonal")),
+])
 def test_megatron_matches_reference(kind: str, variant: str) -> None:
     cfg = dataclasses.replace(SMALL, kind=kind)
     if variant == "gqa_untied":
         cfg = dataclasses.replace(cfg, num_query_groups=2, tie_embeddings=False, begin_layers=0)
     elif variant == "shared_hc":
         cfg = dataclasses.replace(cfg, hc=HCConfig(per_loop_params=False, streams=3), loop_embedding=False)
-    elif variant.startswith("res_"):
-        if kind not in ("mhc", "hyperloop"):
-            pytest.skip("no hyper-connections")
+    elif variant.startswith("res_"):  # every H_res form on both kinds with hyper-connections
         cfg = dataclasses.replace(cfg, hc=HCConfig(res=variant[4:], alpha_init=0.5))
     model = build(cfg)
     perturb_identity_params(model)
