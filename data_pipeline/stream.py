@@ -107,28 +107,12 @@ def _check_parquet_magic(source: str, path: str) -> None:
 def check_sources(sources: list[Source]) -> None:
     """Stop before training when a source has no usable document in a whole pass.
 
-    Each source is read until its first good document (cheap for a good source). One bad source in a
-    mixture fails the run too: training on fewer sources than configured would be a silent change of
-    the data.
+    Each source is read as one reader slot reads it, until its first good document (cheap for a good
+    source); a whole pass without one raises the reader's DataError. One bad source in a mixture fails the
+    run too: training on fewer sources than configured would be a silent change of the data.
     """
     for source in sources:
-        stats = DataStats()
-        records = 0
-        found = False
-        for path in source.files:
-            for text, skipped in _read_shard(source, path):
-                records += 1
-                if skipped is not None:
-                    stats.add(skipped)
-                elif not text.strip():
-                    stats.add("empty_documents")
-                else:
-                    found = True
-                    break
-            if found:
-                break
-        if not found:
-            raise DataError(_no_documents(source, records, stats))
+        _SourceReader(source, 0, 1, DataStats()).next_document()
 
 
 def _no_documents(source: Source, records: int, stats: DataStats, where: str = "",

@@ -189,10 +189,8 @@ class _Sums:
         flat = unit.flatten(1)
         self.cos += (flat @ flat.T).double().cpu()
         del unit, flat
-        head = model.output_layer
-        weight = model.embedding.word_embeddings.weight if head is None else head.weight
         for k, r in enumerate(t.residuals):
-            logp = F.log_softmax(F.linear(model.final_norm(r), weight).float().flatten(0, 1), dim=-1)
+            logp = F.log_softmax(F.linear(model.final_norm(r), model.head_weight).float().flatten(0, 1), dim=-1)
             self.ce[k] += F.nll_loss(logp, labels, reduction="sum").double().cpu()
             self.ent[k] += -(logp.exp() * logp).sum().double().cpu()
             self.correct[k] += (logp.argmax(-1) == labels).sum().double().cpu()

@@ -60,8 +60,7 @@ def reference_parts(model: torch.nn.Module) -> LoopParts:
     def readout(x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         if model.end is not None:
             x = model.end(x, angles(x))
-        weight = model.embedding.word_embeddings.weight if model.output_layer is None else model.output_layer.weight
-        logits = F.linear(model.final_norm(x), weight).transpose(0, 1)
+        logits = F.linear(model.final_norm(x), model.head_weight).transpose(0, 1)
         if labels is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)

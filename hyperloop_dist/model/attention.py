@@ -73,8 +73,6 @@ class SDPAttention(MegatronModule):
                              f"and query groups ({config.num_query_groups})")
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
-        self.heads = config.num_attention_heads // tp
-        self.groups = config.num_query_groups // tp
         head_dim = config.kv_channels
         # Megatron's query-key layer scaling divides the scores by the layer number and multiplies them back
         # inside its fp32 softmax: the net scale is this one.

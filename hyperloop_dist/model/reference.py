@@ -161,10 +161,14 @@ class ReferenceModel(nn.Module):
         )
         return self.final_norm(x)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's ``[vocab, hidden]`` weight: the embedding's when tied."""
+        return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits ``[b, s, vocab]`` for tokens ``[b, s]``."""
-        weight = self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
-        return F.linear(self.hidden(tokens), weight).transpose(0, 1)
+        return F.linear(self.hidden(tokens), self.head_weight).transpose(0, 1)
 
 
 def from_megatron_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

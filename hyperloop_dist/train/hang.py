@@ -89,17 +89,19 @@ def archive_reports(run_dir: Path) -> None:
         reports.rename(run_dir / f"hang.{n}")
 
 
-def _injected_rank_steps(var: str) -> list[tuple[int, int | None]]:
+def injected(var: str, step: int, rank: int) -> bool:
+    """Whether fault-injection variable ``var`` (``STEP[@RANK],...``, 1-based steps) names ``step`` on ``rank``."""
     entries = [e.strip() for e in os.environ.get(var, "").split(",") if e.strip()]
     try:
-        return [(int(e.partition("@")[0]), int(e.partition("@")[2]) if "@" in e else None) for e in entries]
+        hits = [(int(e.partition("@")[0]), int(e.partition("@")[2]) if "@" in e else None) for e in entries]
     except ValueError:
         raise SystemExit(f"{var}={os.environ[var]!r}: expected STEP@RANK[,STEP@RANK...], e.g. 5@1") from None
+    return any(s == step and r in (None, rank) for s, r in hits)
 
 
 def inject_eval_error(step: int, rank: int) -> None:
     """``HYPERLOOP_INJECT_EVAL_ERROR=STEP[@RANK]``: the evaluation after that step raises (a drill)."""
-    if any(s == step and r in (None, rank) for s, r in _injected_rank_steps("HYPERLOOP_INJECT_EVAL_ERROR")):
+    if injected("HYPERLOOP_INJECT_EVAL_ERROR", step, rank):
         raise RuntimeError(f"HYPERLOOP_INJECT_EVAL_ERROR: evaluation after step {step} failed on rank {rank}")
 
 
@@ -110,7 +112,7 @@ def inject_faults(step: int, rank: int) -> None:
         who, _, seconds = slow.partition(":")
         if int(who) == rank:
             time.sleep(float(seconds))
-    if any(s == step and r in (None, rank) for s, r in _injected_rank_steps("HYPERLOOP_INJECT_HANG")):
+    if injected("HYPERLOOP_INJECT_HANG", step, rank):
         print(f"[rank {rank}] HYPERLOOP_INJECT_HANG: sleeping forever at the start of step {step}", flush=True)
         while True:
             time.sleep(3600)

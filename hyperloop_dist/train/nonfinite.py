@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from hyperloop_dist.parallel import cpu_shim
+from hyperloop_dist.train.hang import injected
 
 if TYPE_CHECKING:
     from hyperloop_dist.train.signals import StopRequest
@@ -27,18 +28,12 @@ class TrainingDiverged(RuntimeError):
     """Raised on every rank after ``train.max_bad_steps`` consecutive non-finite steps."""
 
 
-def _injected() -> frozenset[tuple[int, int | None]]:
-    entries = (e.strip() for e in os.environ.get("HYPERLOOP_INJECT_NAN_STEPS", "").split(","))
-    return frozenset((int(e.partition("@")[0]), int(e.partition("@")[2]) if "@" in e else None) for e in entries if e)
-
-
 def poison(loss: torch.Tensor, step: int, micro: int) -> torch.Tensor:
     """``loss`` times NaN on an injected step's first micro-batch (``step`` is 0-based here)."""
     if micro != 0 or not os.environ.get("HYPERLOOP_INJECT_NAN_STEPS"):
         return loss
     rank = dist.get_rank() if dist.is_initialized() else 0
-    hit = any(s == step + 1 and r in (None, rank) for s, r in _injected())
-    return loss * float("nan") if hit else loss
+    return loss * float("nan") if injected("HYPERLOOP_INJECT_NAN_STEPS", step + 1, rank) else loss
 
 
 class MicroLosses:

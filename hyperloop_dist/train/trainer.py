@@ -389,7 +389,6 @@ class _BeatOnFetch:
 
     def __init__(self, data: Batches) -> None:
         self.data = data
-        self.windows_per_step = data.windows_per_step
 
     def next(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.data.next(step, micro)
