@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from hyperloop_dist.cluster.profile import ClusterProfile
-from hyperloop_dist.config import Config, ConfigError, load_config
+from hyperloop_dist.config import Config, ConfigError
 from hyperloop_dist.model.hyper_connections import KINDS
+from hyperloop_dist.train.entry import load_items
 
 
 def grid_points(axes: list[str], kinds: list[str]) -> list[list[str]]:
@@ -40,10 +41,10 @@ def train_point(argv: list[str]) -> int:
     """What each array element runs (pickled by submitit): join the job's ranks, then `hyperloop train`."""
     import submitit
 
-    from hyperloop_dist.cli import main
+    from hyperloop_dist.train.entry import train
 
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    status = main(["train", *argv])
+    status = train(argv)
     if status:
         raise SystemExit(status)
     return status
@@ -59,7 +60,7 @@ def submit_sweep(recipe: str | None, base_overrides: list[str], profile: Cluster
     for point in points:
         run_dir = point_dir(out.resolve(), point)
         argv = [*([recipe] if recipe else []), *base_overrides, *point, f"train.run_dir={run_dir}"]
-        cfg = load_config(argv[0] if recipe else None, argv[1:] if recipe else argv)  # every point checked first
+        cfg = load_items(argv, layout=True)  # every point checked first
         if cfg.parallel.nnodes > profile.max_nodes:
             raise ConfigError(f"{' '.join(point)}: parallel.nnodes={cfg.parallel.nnodes} > max_nodes "
                               f"{profile.max_nodes} of profile {profile.name!r}")

@@ -34,7 +34,7 @@ LIMIT = 4
 
 @pytest.fixture(scope="module")
 def run(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from hyperloop_dist.checkpoint.release import export_release
+    from hyperloop_dist.export.release import export_release
 
     root = tmp_path_factory.mktemp("eval_run")
     log = train([*tiny_data, f"train.steps={STEPS}", f"eval.interval={EVERY}", "eval.windows=16",
