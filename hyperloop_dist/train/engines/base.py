@@ -165,11 +165,15 @@ def finite_everywhere(losses: MicroLosses, stop: StopRequest | None) -> bool:
 
 
 def torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    """The torch optimizers inside a wrapper (Megatron's chained / distributed optimizer, DeepSpeed's)."""
+    """The torch optimizers inside a wrapper (Megatron's chained / distributed optimizer, DeepSpeed's ZeRO
+    optimizer), or the optimizer itself."""
     if isinstance(optimizer, torch.optim.Optimizer):
         return [optimizer]
-    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    return [opt.optimizer for opt in chained if getattr(opt, "optimizer", None) is not None]
+    found: list[torch.optim.Optimizer] = []
+    for inner in getattr(optimizer, "chained_optimizers", None) or [getattr(optimizer, "optimizer", None)]:
+        if inner is not None and inner is not optimizer:
+            found.extend(torch_optimizers(inner))
+    return found
 
 
 def restore_adam_step(optimizer: Any, step: int) -> None:
