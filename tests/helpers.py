@@ -21,8 +21,8 @@ def train_command(args: list[str], run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "hyperloop_dist.cli", "train", *RUN_DEFAULTS, *args, f"train.run_dir={run_dir}"]
 
 
-def train(args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def train(args: list[str], run_dir: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(train_command(args, run_dir), capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc

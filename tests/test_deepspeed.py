@@ -49,6 +49,10 @@ def runs(tiny_data: list[str], single_run: tuple[Path, str], tmp_path_factory: p
         out[f"{stage}_log"] = train([*tiny_data, *COMMON, *zero(stage)], out[stage]).stdout
     out["tp2"] = root / "tp2"
     train([*tiny_data, *COMMON, *TP2], out["tp2"])
+    # ZeRO-3 with a NaN loss on rank 1 at step 3: skipped everywhere, as under every engine.
+    out["nan"] = root / "nan"
+    out["nan_log"] = train([*tiny_data, *COMMON, *zero(3), "eval.interval=0"], out["nan"],
+                           env={"HYPERLOOP_INJECT_NAN_STEPS": "3@1"}).stdout
     return out
 
 
@@ -64,6 +68,18 @@ def test_zero_matches_single_process(runs: dict, stage: int) -> None:
     assert sorted(run) == list(range(1, STEPS + 1))
     for step in range(1, 6):
         assert run[step] == pytest.approx(ref[step], rel=1e-4), (stage, step)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_skips_the_update_on_every_rank(runs: dict) -> None:
+    from hyperloop_dist.checkpoint.training_state import read_meta
+
+    rows = {r["step"]: r for r in map(json.loads, (runs["nan"] / "metrics.jsonl").read_text().splitlines())}
+    assert rows[3]["loss"] is None and rows[3]["skipped_steps"] == 1 and rows[STEPS]["skipped_steps"] == 1
+    assert all(rows[s]["loss"] is not None for s in range(1, STEPS + 1) if s != 3)
+    assert "step 3: non-finite loss, update skipped (1/3 in a row)" in runs["nan_log"]
+    assert read_meta(checkpoint(runs["nan"], 3))["optimizer_step"] == 2  # Adam did not step
+    assert losses(runs["nan"])[2] == pytest.approx(losses(runs[3])[2], rel=1e-6)
 
 
 @pytest.mark.slow
