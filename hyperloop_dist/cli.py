@@ -211,17 +211,45 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from hyperloop_dist.cluster.sweep import plan_sweep
+
+    if bool(args.local) == bool(args.cluster):
+        raise ConfigError("hyperloop sweep: give --cluster PROFILE (a SLURM job array) or --local (this machine)")
+    recipe, overrides = _split_recipe(args.config)
+    out = Path(args.out)
+    points = plan_sweep(recipe, overrides, args.grid, args.kinds.split(","), out)  # every point checked first
+    fit = f"hyperloop scaling fit {args.out}/*/* --json {args.out}/fit.json --png {args.out}/fit.png"
+    if args.dry_run:
+        for p in points:
+            print(f"dry-run  {p.run_dir}")
+        print(f"{len(points)} points checked (dry run); fit with: {fit}")
+        return 0
+    if args.local:
+        return _sweep_local(points, out, args.parallel, fit)
     from hyperloop_dist.cluster.profile import load_profile
     from hyperloop_dist.cluster.sweep import submit_sweep
 
-    recipe, overrides = _split_recipe(args.config)
-    runs = submit_sweep(recipe, overrides, load_profile(args.cluster), args.grid, args.kinds.split(","),
-                        Path(args.out), dry_run=args.dry_run)
-    for run_dir, job_id in runs:
+    for run_dir, job_id in submit_sweep(points, load_profile(args.cluster), out):
         print(f"{job_id}  {run_dir}")
-    print(f"{len(runs)} points {'checked (dry run)' if args.dry_run else 'submitted as one job array'}; "
-          f"fit with: hyperloop scaling fit {args.out}/*/*")
+    print(f"{len(points)} points submitted as one job array; fit with: {fit}")
     return 0
+
+
+def _sweep_local(points: list, out: Path, parallel: int, fit: str) -> int:
+    from hyperloop_dist.cluster.sweep import run_local
+
+    print(f"running {len(points)} points on this machine, {parallel} at a time")
+    results = run_local(points, out, parallel)
+    rows = [("point", "status", "seconds")] + [
+        (" ".join(r.point.overrides), "ok" if r.status == 0 else f"exit {r.status} ({r.log})", f"{r.seconds:.0f}")
+        for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    failed = sum(r.status != 0 for r in results)
+    total = sum(r.seconds for r in results)
+    print(f"{len(results) - failed} of {len(results)} points trained ({total:.0f} s of training); fit with: {fit}")
+    return 1 if failed else 0
 
 
 def cmd_scaling_fit(args: argparse.Namespace) -> int:
@@ -324,14 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "group) and check shapes and parameter counts")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("sweep", help="submit a scaling grid (sizes x tokens x kinds) as one SLURM job array")
+    p = sub.add_parser("sweep", help="run a scaling grid (sizes x tokens x kinds): one SLURM job array "
+                                     "(--cluster) or local processes (--local)")
     p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
-    p.add_argument("--cluster", required=True, metavar="PROFILE", help="cluster profile (as for submit)")
+    p.add_argument("--cluster", metavar="PROFILE", help="cluster profile (as for submit): submit a SLURM job array")
+    p.add_argument("--local", action="store_true", help="train the points on this machine, no scheduler")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="--local: points trained at once (default 1; each point starts its own "
+                        "parallel.nproc_per_node ranks)")
     p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
                    help="axes, e.g. model.hidden_size=256,512 train.steps=1000,2000")
     p.add_argument("--kinds", default="hyperloop,transformer", help="model kinds (default hyperloop,transformer)")
     p.add_argument("--out", default="runs/sweep", help="parent of the points' run directories")
-    p.add_argument("--dry-run", action="store_true", help="check every point's config; submit nothing")
+    p.add_argument("--dry-run", action="store_true", help="check every point's config; run nothing")
     p.set_defaults(func=cmd_sweep)
 
     scaling = sub.add_parser("scaling", help="scaling-law tools").add_subparsers(dest="scaling_command",
