@@ -18,6 +18,7 @@ the joint fit shares e, b and β (the same data and tokens) and, unless asked ot
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -251,6 +252,8 @@ def fit(data: Data, layout: Layout, groups: list[np.ndarray], draws: int = 200, 
 
 def interval(values: np.ndarray, level: float = 0.90) -> tuple[float, float]:
     """Percentile interval of bootstrap values (inf where the resamples run off to infinity)."""
+    if not len(values):
+        return math.nan, math.nan  # no bootstrap asked for
     tail = (1 - level) / 2
     lo, hi = np.quantile(values, [tail, 1 - tail], method="inverted_cdf")
     return float(lo), float(hi)

@@ -1,5 +1,5 @@
 """The ``hyperloop`` command: ``train``, ``data``, ``export``, ``eval``, ``analyze``, ``params``, ``submit``,
-``plan``, ``sweep``, ``scaling fit``.
+``plan``, ``sweep``, ``scaling fit``, ``scaling predict``.
 
 Every subcommand takes an optional recipe (default: the embedded tiny-cpu recipe) followed by
 ``section.field=value`` overrides, validated like the recipe.
@@ -253,13 +253,64 @@ def _sweep_local(points: list, out: Path, parallel: int, fit: str) -> int:
 
 
 def cmd_scaling_fit(args: argparse.Namespace) -> int:
-    from hyperloop_dist.cluster.scaling import fit_runs, format_fits, plot_fits
+    import json
 
-    points, fits = fit_runs(args.runs)
-    print(format_fits(points, fits))
+    from hyperloop_dist.cluster.scaling import collect_runs, fit_study, format_study
+
+    points, skipped = collect_runs(args.runs)
+    study = fit_study(points, args.law, args.bootstrap, args.starts, args.seed, skipped)
+    print(format_study(study))
+    if args.json:
+        Path(args.json).write_text(json.dumps(study.as_json(args.bootstrap, args.starts, args.seed), indent=1) + "\n")
+        print(f"fit written to {args.json}")
     if args.png:
-        print(f"plot written to {plot_fits(points, fits, args.png)}")
+        from hyperloop_dist.cluster.scaling_plot import plot_study
+
+        print(f"plot written to {plot_study(study, args.png)}")
     return 0
+
+
+def cmd_scaling_predict(args: argparse.Namespace) -> int:
+    from hyperloop_dist.cluster import scaling
+
+    points, skipped = scaling.collect_runs(args.runs)
+    if skipped:
+        print(f"skipped {len(skipped)} paths: " + "; ".join(skipped))
+    if args.holdout:
+        _, rows = scaling.holdout_largest(points, args.law, args.bootstrap, args.starts, args.seed)
+        print(scaling.format_holdout(rows))
+        return 0
+    kind, params, tokens = args.kind, args.params and scaling.parse_count(args.params), \
+        args.tokens and scaling.parse_count(args.tokens)
+    if args.config:
+        from hyperloop_dist.model.params import report
+
+        cfg = load_config(args.config[0], args.config[1:])
+        kind = kind or cfg.model.kind
+        if kind != cfg.model.kind:
+            cfg = load_config(args.config[0], [*args.config[1:], f"model.kind={kind}"])
+        params = params or report(cfg.model).non_embedding
+        tokens = tokens or float(cfg.train.steps * cfg.train.micro_batch_size * cfg.train.grad_accum
+                                 * cfg.data_parallel_size * cfg.model.seq_length)
+    missing = [flag for flag, v in (("--kind", kind), ("--params", params), ("--tokens", tokens)) if not v]
+    if missing:
+        raise ConfigError(f"hyperloop scaling predict: give {', '.join(missing)} (or --config RECIPE for all "
+                          "three), or --holdout largest")
+    study = scaling.fit_study(points, args.law, args.bootstrap, args.starts, args.seed)
+    loss, (lo, hi) = study.predict(kind, params, tokens)
+    print(f"{study.law} fit of {len(points)} runs; N {params:,.0f} non-embedding parameters, D {tokens:,.0f} tokens")
+    print(f"{kind}: predicted loss {loss:.4f} (90% CI {lo:.4f}–{hi:.4f})")
+    return 0
+
+
+def _scaling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="run directories (folders that are not runs are skipped and listed)")
+    p.add_argument("--law", default="joint", choices=("joint", "joint-own-alpha", "separate"),
+                   help="joint: kinds share E, B, beta and alpha, differ in A (default); joint-own-alpha: also "
+                        "their own alpha; separate: one fit per kind")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 90%% intervals (default 200)")
+    p.add_argument("--starts", type=int, default=4, help="starts per bootstrap refit (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,10 +420,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     scaling = sub.add_parser("scaling", help="scaling-law tools").add_subparsers(dest="scaling_command",
                                                                                 required=True)
-    p = scaling.add_parser("fit", help="fit L(N, D) = E + A N^-alpha + B D^-beta per kind from finished runs")
-    p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--png", help="also plot the runs and fits to this PNG")
+    p = scaling.add_parser("fit", help="fit L(N, D) = E + A N^-alpha + B D^-beta (Chinchilla Approach 3) with "
+                                       "bootstrap intervals and the equal-loss ratios to hyperloop")
+    _scaling_options(p)
+    p.add_argument("--json", help="write fits, ratios and runs to this JSON file")
+    p.add_argument("--png", help="also plot loss against N and against compute to this PNG")
     p.set_defaults(func=cmd_scaling_fit)
+    p = scaling.add_parser("predict", help="predicted loss (90%% CI) of a kind at N parameters and D tokens, or "
+                                           "--holdout largest: predict each kind's largest runs from the others")
+    _scaling_options(p)
+    p.add_argument("--kind", help="model kind to predict")
+    p.add_argument("--params", help="non-embedding parameters N (e.g. 25M), as `hyperloop params` counts them")
+    p.add_argument("--tokens", help="training tokens D (e.g. 32M)")
+    p.add_argument("--config", nargs="+", metavar="ARG",
+                   help="RECIPE.yaml [section.field=value ...]: N, D and the kind from a recipe (flags win)")
+    p.add_argument("--holdout", choices=("largest",), help="fit without each kind's largest size, predict it")
+    p.set_defaults(func=cmd_scaling_predict)
     return parser
 
 
