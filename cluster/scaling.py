@@ -279,13 +279,19 @@ def _diagnose(study: Study) -> list[str]:
         if spread:
             out.append(f"starts disagree: {int(near.sum())} of {len(near)} starts end within {_NEAR_BEST:.0%} of the "
                        f"best objective with {', '.join(spread)}: the runs do not pin these down")
+    checked = set()
     for kind in study.kinds:
         best, boot = study.parameters(kind)
-        if len(boot):
-            for i, name in enumerate(sl.SLOTS):
+        c = study.component(kind)
+        for i, name in enumerate(sl.SLOTS):
+            column = (id(c), int(c.result.layout.index[c.kinds.index(kind), i]))
+            if len(boot) and column not in checked:  # a shared parameter once
+                checked.add(column)
                 a, b = sl.interval(boot[:, i])
                 if not a <= best[i] <= b:
-                    out.append(f"{kind}: {name} = {best[i]:.4g} lies outside its bootstrap interval [{a:.4g}, {b:.4g}] "
+                    who = kind if len(c.kinds) == 1 or name in ("A",) or (name == "alpha" and study.law != "joint") \
+                        else "shared"
+                    out.append(f"{who}: {name} = {best[i]:.4g} lies outside its bootstrap interval [{a:.4g}, {b:.4g}] "
                                "(a skewed or multi-modal bootstrap: read the interval with care)")
     if not all(p.heldout for p in study.points):
         out.append("some runs logged no held-out loss; their training loss (last 10% of steps) was used")
