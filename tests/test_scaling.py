@@ -171,7 +171,7 @@ def test_sweep_local_then_the_printed_fit_command(tiny_data: list[str], tmp_path
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "hyperloop_dist.cli", "sweep", *tiny_data, "parallel.nproc_per_node=1",
            "train.micro_batch_size=2", "train.log_interval=1", "data.workers=0", "eval.windows=2",
-           "eval.per_loop=false", "--local", "--kinds", "hyperloop", "--out", str(out), "--grid", "train.steps=2,3"]
+           "eval.per_loop=false", "--local", "--parallel", "2", "--kinds", "hyperloop", "--out", str(out), "--grid", "train.steps=2,3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 of 2 points trained" in proc.stdout and (out / ".sweep" / "points.json").is_file()
