@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,11 @@ def train_point(argv: list[str]) -> int:
 
     from hyperloop_dist.cli import main
 
+    # submitit seeds its port choice with the job id alone, and job ids repeat across clusters (every test
+    # cluster starts at 1): two sweeps sharing a host then collide. Every rank derives the same port from
+    # the job id and the point's own arguments.
+    key = f"{os.environ.get('SLURM_JOB_ID', '')}:{' '.join(argv)}"
+    os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(key.encode()) % 40000))
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     status = main(["train", *argv])
     if status:

@@ -215,6 +215,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if bool(args.local) == bool(args.cluster):
         raise ConfigError("hyperloop sweep: give --cluster PROFILE (a SLURM job array) or --local (this machine)")
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel={args.parallel}: run at least 1 point at a time")
     recipe, overrides = _split_recipe(args.config)
     out = Path(args.out)
     points = plan_sweep(recipe, overrides, args.grid, args.kinds.split(","), out)  # every point checked first
@@ -296,6 +298,8 @@ def cmd_scaling_predict(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(f"hyperloop scaling predict: give {', '.join(missing)} (or --config RECIPE for all "
                           "three), or --holdout largest")
+    if kind not in scaling.kinds_of(points):
+        raise ConfigError(f"--kind {kind}: no runs of that kind (kinds: {', '.join(scaling.kinds_of(points))})")
     study = scaling.fit_study(points, args.law, args.bootstrap, args.starts, args.seed)
     loss, (lo, hi) = study.predict(kind, params, tokens)
     print(f"{study.law} fit of {len(points)} runs; N {params:,.0f} non-embedding parameters, D {tokens:,.0f} tokens")
