@@ -228,14 +228,15 @@ def fit_study(points: list[RunPoint], law: str = "joint", draws: int = 200, star
     kinds = kinds_of(points)
     groups = [kinds] if law != "separate" and len(kinds) > 1 else [[k] for k in kinds]
     components = []
-    for group in groups:
+    for i, group in enumerate(groups):
         mine = [p for p in points if p.kind in group]
         layout = sl.separate_layout() if len(group) == 1 else sl.joint_layout(len(group), law == "joint-own-alpha")
         _check_enough(mine, group, layout)
         kind_index = np.array([group.index(p.kind) for p in mine])
         data = sl.Data.of([p.params for p in mine], [p.tokens for p in mine], [p.loss for p in mine], kind_index)
+        # (separate fits draw independent resamples: the same seed would repeat one pattern in every kind)
         result = sl.fit(data, layout, [np.flatnonzero(kind_index == k) for k in range(len(group))], draws, starts,
-                        seed)
+                        [seed, i])
         components.append(Component(group, result))
     study = Study(points, law if len(kinds) > 1 else "separate", components, skipped=list(skipped or []))
     study.warnings = _diagnose(study)

@@ -217,7 +217,7 @@ class FitResult:
 
 
 def fit(data: Data, layout: Layout, groups: list[np.ndarray], draws: int = 200, starts: int = 4,
-        seed: int = 0, delta: float = HUBER_DELTA) -> FitResult:
+        seed: int | list[int] = 0, delta: float = HUBER_DELTA) -> FitResult:
     """Best fit from the whole start grid, then ``draws`` bootstrap refits.
 
     Each resample draws, within every group (a kind's runs), as many runs as the group has, with

@@ -80,9 +80,11 @@ def train_point(argv: list[str]) -> int:
     # submitit seeds its port choice with the job id alone, and job ids repeat across clusters (every test
     # cluster starts at 1): two sweeps sharing a host then collide. Every rank derives the same port from
     # the job id and the point's own arguments.
-    key = f"{os.environ.get('SLURM_JOB_ID', '')}:{' '.join(argv)}"
-    os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(key.encode()) % 40000))
-    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    dist_env = submitit.helpers.TorchDistributedEnvironment()
+    if "MASTER_PORT" not in os.environ:
+        key = f"{os.environ.get('SLURM_JOB_ID', '')}:{' '.join(argv)}"
+        dist_env.master_port = 20000 + zlib.crc32(key.encode()) % 40000
+    dist_env.export(set_cuda_visible_devices=False)
     status = main(["train", *argv])
     if status:
         raise SystemExit(status)
