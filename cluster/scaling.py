@@ -278,7 +278,8 @@ def _diagnose(study: Study) -> list[str]:
             if wide:
                 spread.append(f"{name} {v.min():.4g}..{v.max():.4g}")
         if spread:
-            out.append(f"starts disagree: {int(near.sum())} of {len(near)} starts end within {_NEAR_BEST:.0%} of the "
+            who = f"{c.kinds[0]}: " if len(c.kinds) == 1 and len(study.components) > 1 else ""
+            out.append(f"{who}starts disagree: {int(near.sum())} of {len(near)} starts end within {_NEAR_BEST:.0%} of the "
                        f"best objective with {', '.join(spread)}: the runs do not pin these down")
     checked = set()
     for kind in study.kinds:
@@ -319,22 +320,28 @@ def format_study(study: Study) -> str:
               "separate": "one fit per kind"}[study.law]
     rows = [("kind", "runs", *sl.SLOTS, "rmse")]
     for kind, f in fits.items():
-        rows.append((kind, str(f["runs"]), *(f"{f[n]:.4g} [{_num(f['ci90'][n][0])}, {_num(f['ci90'][n][1])}]"
-                                             for n in sl.SLOTS), f"{f['rmse']:.4f}"))
+        drawn = len(study.components[0].result.boot) > 0
+        rows.append((kind, str(f["runs"]), *(f"{f[n]:.4g}" + (f" [{_num(f['ci90'][n][0])}, {_num(f['ci90'][n][1])}]"
+                                                               if drawn else "") for n in sl.SLOTS), f"{f['rmse']:.4f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines = [f"law: {study.law} ({shared}); 90% bootstrap intervals in brackets", table[0],
+    draws = len(study.components[0].result.boot)
+    intervals = f"90% intervals from {draws} bootstrap resamples in brackets" if draws else "no intervals (--bootstrap 0)"
+    lines = [f"law: {study.law} ({shared}); {intervals}", table[0],
              "-+-".join("-" * w for w in widths), *table[1:]]
     for name, r in study.ratios().items():
         lines.append(f"{name} at equal loss {r['loss']:.4f} (N {r['at_params']:,}, D {r['at_tokens']:,.0f}): "
-                     f"{_num(r['params_at_equal_loss'])}x parameters (90% CI {_num(r['ci90'][0])}–"
-                     f"{_num(r['ci90'][1])}), {_num(r['flops_at_equal_loss'])}x training FLOPs (90% CI "
-                     f"{_num(r['flops_ci90'][0])}–{_num(r['flops_ci90'][1])})"
+                     f"{_num(r['params_at_equal_loss'])}x parameters{_ci(r['ci90'], draws)}, "
+                     f"{_num(r['flops_at_equal_loss'])}x training FLOPs{_ci(r['flops_ci90'], draws)}"
                      + ("" if r["within_other_runs"] else f" [extrapolated beyond the {name.split('/')[0]} runs]"))
     lines += [f"warning: {w}" for w in study.warnings]
     if study.skipped:
         lines.append(f"skipped {len(study.skipped)} paths: " + "; ".join(study.skipped))
     return "\n".join(lines)
+
+
+def _ci(pair: list[float | None], draws: int) -> str:
+    return f" (90% CI {_num(pair[0])}–{_num(pair[1])})" if draws else ""
 
 
 def _num(x: float | None) -> str:
