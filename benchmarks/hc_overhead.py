@@ -20,8 +20,8 @@ from mfu import measure, seconds_per_call  # benchmarks/ is on sys.path when thi
 
 def hc_breakdown(recipe: str | None, overrides: list[str], reps: int) -> dict[str, float]:
     """Seconds for one HC read+write and one middle-block pass (forward + backward) at the step's shapes."""
-    from hyperloop_dist.checkpoint.release import single_process_world
     from hyperloop_dist.config import load_config
+    from hyperloop_dist.export.release import single_process_world
     from hyperloop_dist.model.hyper_connections import HyperConnection
     from hyperloop_dist.model.hyperloop import build_model
     from hyperloop_dist.parallel import cpu_shim

@@ -56,7 +56,7 @@ def measure(recipe: str | None, overrides: list[str]) -> int:
     from hyperloop_dist.config import load_config
     from hyperloop_dist.parallel import cpu_shim
     from hyperloop_dist.parallel.distributed import init_distributed, shutdown_distributed
-    from hyperloop_dist.train.trainer import build_engine
+    from hyperloop_dist.train import engines
 
     sys.path.insert(0, str(Path(__file__).parent))
     from mfu import SyntheticBatches
@@ -70,10 +70,10 @@ def measure(recipe: str | None, overrides: list[str]) -> int:
     cuda = cpu_shim.cuda_available()
     try:
         base = 0 if cuda else _status_kib("VmRSS") * 1024
-        engine = build_engine(cfg, info)
+        engine = engines.build(cfg, info)
         data = SyntheticBatches(cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size)
         for step in range(2):
-            engine.step(data, step, None)
+            engine.step([data.next(step, m) for m in range(cfg.train.grad_accum)], step, None)
         peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
     finally:
         shutdown_distributed()

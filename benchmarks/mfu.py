@@ -1,6 +1,6 @@
 """Training-step throughput and model FLOPs utilisation (MFU) of one device, for a recipe and its baselines.
 
-Runs our real training step (Megatron DDP + optimizer, `hyperloop_dist.train.trainer.train_step`) on
+Runs our real training step (Megatron DDP + optimizer, `MegatronEngine.step`) on
 synthetic tokens, so the figure is the model's and the step's, not the data pipeline's. FLOPs per token come
 from `hyperloop params` (6·N_matmul plus attention, loop repeats counted). Peak is the dense bf16 figure of
 the device (H100 SXM 989, H200 989 TFLOP/s) unless ``--peak-tflops`` says otherwise; on CPU MFU is not
@@ -66,24 +66,25 @@ def measure(recipe: str | None, overrides: list[str], steps: int, warmup: int,
     from hyperloop_dist.model.params import report
     from hyperloop_dist.parallel import cpu_shim
     from hyperloop_dist.parallel.distributed import init_distributed, shutdown_distributed
-    from hyperloop_dist.train.trainer import build_training, train_step
+    from hyperloop_dist.train.engines.megatron import MegatronEngine
 
     cfg = load_config(recipe, ["parallel.nproc_per_node=1", "parallel.nnodes=1", "parallel.tp=1", "parallel.pp=1",
                                *overrides])
     info = init_distributed(cfg)
-    ddp = optimizer = None
+    engine = None
     try:
-        ddp, optimizer, _ = build_training(cfg)
+        engine = MegatronEngine(cfg, info)
         if fused_adamw:
             from hyperloop_dist.fusions import use_fused_adamw
 
-            use_fused_adamw(optimizer)
+            use_fused_adamw(engine.optimizer)
         data = SyntheticBatches(cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size)
         if cpu_shim.cuda_available():
             torch.cuda.reset_peak_memory_stats()
         losses: list[float] = []
-        def one_step(step: int, ddp=ddp, optimizer=optimizer) -> None:  # bound now: `finally` deletes them
-            losses.append(train_step(cfg, ddp, optimizer, data, step, info)[0])
+        def one_step(step: int, engine=engine) -> None:  # bound now: `finally` deletes it
+            batches = [data.next(step, m) for m in range(cfg.train.grad_accum)]
+            losses.append(engine.step(batches, step, None).loss)
 
         dt = seconds_per_call(one_step, steps, warmup)
         loss = losses[-1]
@@ -99,7 +100,7 @@ def measure(recipe: str | None, overrides: list[str], steps: int, warmup: int,
                 "tflops_causal": causal_flops * tokens / dt / 1e12, "peak_gib": peak_mem, "loss": loss,
                 "micro_batch": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum}
     finally:
-        del ddp, optimizer
+        del engine
         shutdown_distributed()
 
 

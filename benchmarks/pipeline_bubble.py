@@ -40,8 +40,7 @@ def _worker(rank: int, world: int, port: int, kind: str, loops: int, steps: int,
     from hyperloop_dist.config import load_config
     from hyperloop_dist.data.token_windows import WindowSampler
     from hyperloop_dist.parallel.distributed import init_distributed, shutdown_distributed
-    from hyperloop_dist.parallel.pipeline import CircularPipeline
-    from hyperloop_dist.train.trainer import build_training, train_step, unwrap
+    from hyperloop_dist.train.engines.megatron import MegatronEngine
 
     # middle_layers = per_stage * PP: Hyperloop runs them L times round the ring; the transformer unrolls the
     # same L x middle layers into one pass, so both do L x per_stage layers per micro-batch on every rank.
@@ -53,14 +52,14 @@ def _worker(rank: int, world: int, port: int, kind: str, loops: int, steps: int,
         "train.micro_batch_size=4", f"train.steps={steps}",
     ])
     info = init_distributed(cfg)
-    ddp, optimizer, _ = build_training(cfg)
-    pipeline = CircularPipeline(unwrap(ddp), cfg.train.micro_batch_size)
+    engine = MegatronEngine(cfg, info)
+    pipeline = engine.pipeline
     tokens = torch.randint(0, cfg.model.vocab_size, (200_000,)).numpy()
     sampler = WindowSampler(tokens, cfg.model.seq_length, cfg.train.micro_batch_size, cfg.train.grad_accum,
                             info.dp_size, seed=0)
     idle, seconds = [], []
     for step in range(steps):
-        train_step(cfg, ddp, optimizer, sampler, step, info, pipeline)
+        engine.step([sampler.next(step, m) for m in range(cfg.train.grad_accum)], step, None)
         if step > 0:
             idle.append(pipeline.stats.idle_fraction)
             seconds.append(pipeline.stats.total_s)

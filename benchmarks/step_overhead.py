@@ -1,6 +1,6 @@
 """Our training step vs a bare PyTorch loop of the same math, single process and DP=2 (target <= 1.10x).
 
-Ours: the Megatron model, Megatron DDP and Megatron's Adam (`hyperloop_dist.train.trainer.train_step`).
+Ours: the Megatron model, Megatron DDP and Megatron's Adam (`MegatronEngine.step`).
 Bare: the plain-PyTorch twin (`model/reference.py`) with torch DDP (DP=2), `torch.optim.AdamW` and
 gradient clipping: what a user would write by hand. Same config, batch and step count, measured side by
 side in one run; the ratio is ours / bare. Processes talk over gloo on the CPU (CUDA with ``--device cuda``).
@@ -49,11 +49,12 @@ def _bare(cfg, data: SyntheticBatches, steps: int, warmup: int) -> float:
 
 def _ours(cfg, data: SyntheticBatches, steps: int, warmup: int) -> float:
     from hyperloop_dist.parallel.distributed import RankInfo
-    from hyperloop_dist.train.trainer import build_training, train_step
+    from hyperloop_dist.train.engines.megatron import MegatronEngine
 
-    ddp, optimizer, _ = build_training(cfg)
-    info = RankInfo(dist.get_rank(), dist.get_world_size(), 0, dist.get_rank(), dist.get_world_size())
-    return seconds_per_call(lambda s: train_step(cfg, ddp, optimizer, data, s, info), steps, warmup)
+    engine = MegatronEngine(cfg, RankInfo(dist.get_rank(), dist.get_world_size(), 0, dist.get_rank(),
+                                          dist.get_world_size()))
+    return seconds_per_call(lambda s: engine.step([data.next(s, m) for m in range(cfg.train.grad_accum)], s, None),
+                            steps, warmup)
 
 
 def _worker(rank: int, world: int, port: int, kind: str, recipe: str | None, overrides: list[str], steps: int,

@@ -2,10 +2,13 @@
 
 Memory per rank = model state + activations, in bytes (all formulas below; docs/slurm.md restates them):
 
-* **Model state** per parameter this rank holds (its TP shard of its pipeline stage's layers):
+* **Model state** per parameter this rank holds (its TP shard of its pipeline stage's layers), from each
+  engine's memory model (``state_bytes_per_param`` / ``gathered_bytes`` in hyperloop_dist/train/engines/):
   megatron fp32: 4 param + 4 grad + 8 Adam (Adam / DP with the distributed optimizer);
   megatron bf16: 2 param + 4 fp32 grad + 4 fp32 master + 8 Adam (master and Adam / DP with distopt);
-  fsdp: (param + grad + Adam [+ fp32 master]) / DP, plus the largest unit gathered (the looped middle block).
+  fsdp: (param + grad + Adam [+ fp32 master]) / DP, plus the largest unit gathered (the looped middle block);
+  deepspeed ZeRO-1/2/3: fp32 master + Adam (12 bytes) / DP, and from stage 2 the gradients, from stage 3 the
+  weights too (then plus the largest unit gathered).
 * **Activations** per micro-batch of ``T = b·s`` tokens, per Transformer layer pass: what autograd keeps
   for backward in our layers, counted with saved-tensor hooks on the Megatron layer (element size e = 2
   in bf16, 4 in fp32): ``e·T·(7.5h + (3h + 3·kv + 5·ffn)/tp) + e·T·heads·s/tp``. Replicated over TP: the
@@ -33,10 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hyperloop_dist.config import Config, ConfigError, ModelConfig, validate
-from hyperloop_dist.model.hyper_connections import LOOPED_KINDS
+from hyperloop_dist.config import Config, ConfigError, ModelConfig
 from hyperloop_dist.model.params import report
 from hyperloop_dist.model.reference import ReferenceModel
+from hyperloop_dist.train import engines
 
 GIB = 2**30
 # Per token and layer, in units of hidden_size, kept whole on every TP rank (without sequence parallel):
@@ -83,22 +86,34 @@ def param_split(m: ModelConfig) -> ParamSplit:
     )
 
 
+# Every way an engine may run, by the label the table shows (each engine's ``plan_variants``).
+VARIANTS: dict[str, tuple[type[engines.Engine], engines.PlanVariant]] = {
+    v.label: (e, v) for e in engines.ENGINES.values() for v in e.plan_variants}
+
+
 @dataclass
 class Layout:
     tp: int
     pp: int
     dp: int
-    engine: str  # megatron | megatron+distopt | fsdp
+    engine: str  # a label of VARIANTS: megatron, megatron+distopt, fsdp, deepspeed-z1 ...
     recompute: str  # none | loop
     micro_batch: int
     grad_accum: int
 
     @property
+    def parallel_settings(self) -> dict[str, object]:
+        """The ``parallel.*`` values of this layout (every engine's own settings at their neutral values)."""
+        engine, variant = VARIANTS[self.engine]
+        neutral = {k: v for e in engines.ENGINES.values() for k, v in e.settings.items()}
+        return {"engine": engine.name, "tp": self.tp, "pp": self.pp, **neutral, **variant.overrides}
+
+    @property
     def overrides(self) -> str:
-        engine = "fsdp" if self.engine == "fsdp" else "megatron"
-        distopt = " parallel.distributed_optimizer=true" if self.engine == "megatron+distopt" else ""
-        return (f"parallel.engine={engine} parallel.tp={self.tp} parallel.pp={self.pp}{distopt} "
-                f"train.recompute={self.recompute} train.micro_batch_size={self.micro_batch} "
+        engine, variant = VARIANTS[self.engine]
+        own = {"engine": engine.name, "tp": self.tp, "pp": self.pp, **variant.overrides}
+        values = " ".join(f"parallel.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in own.items())
+        return (f"{values} train.recompute={self.recompute} train.micro_batch_size={self.micro_batch} "
                 f"train.grad_accum={self.grad_accum}")
 
 
@@ -116,10 +131,9 @@ class Estimate:
 
 def stage_layers(m: ModelConfig, pp: int, stage: int) -> tuple[int, int]:
     """(distinct layers held, layer passes run per micro-batch) on one pipeline stage."""
-    looped = m.kind in LOOPED_KINDS
-    middle = m.middle_layers if looped else m.loops * m.middle_layers
+    middle = m.middle_layers_built
     held = middle // pp + (m.begin_layers if stage == 0 else 0) + (m.end_layers if stage == pp - 1 else 0)
-    passes = (middle // pp) * (m.loops if looped else 1)
+    passes = (middle // pp) * m.passes
     passes += (m.begin_layers if stage == 0 else 0) + (m.end_layers if stage == pp - 1 else 0)
     return held, passes
 
@@ -143,10 +157,9 @@ def activation_bytes(m: ModelConfig, tp: int, pp: int, stage: int, micro_batch: 
     if not flash:
         per_layer += elem * tokens * m.num_heads * m.seq_length / tp
     held, passes = stage_layers(m, pp, stage)
-    looped = m.kind in LOOPED_KINDS
-    middle_here = (m.middle_layers if looped else m.loops * m.middle_layers) // pp
-    ends_here = passes - middle_here * (m.loops if looped else 1)
-    if recompute == "loop" and looped:
+    middle_here = m.middle_layers_built // pp
+    ends_here = passes - middle_here * m.passes
+    if recompute == "loop" and m.looped:
         kept = ends_here * per_layer + m.loops * elem * tokens * h  # pass inputs (checkpoints)
         transient = middle_here * per_layer  # one pass recomputed during backward
     else:
@@ -160,15 +173,11 @@ def activation_bytes(m: ModelConfig, tp: int, pp: int, stage: int, micro_batch: 
     return in_flight * kept + transient
 
 
-def state_bytes(n_params: int, engine: str, bf16: bool, dp: int, largest_unit: int) -> float:
-    if engine == "fsdp":
-        per = (2 + 4 + 4 + 8) if bf16 else (4 + 4 + 8)
-        return n_params * per / dp + largest_unit * (2 if bf16 else 4)
-    weights, grads, master = (2, 4, 4) if bf16 else (4, 4, 0)
-    adam = 8
-    if engine == "megatron+distopt":
-        return n_params * (weights + grads + (master + adam) / dp)
-    return n_params * (weights + grads + master + adam)
+def state_bytes(n_params: int, label: str, bf16: bool, dp: int, largest_unit: int) -> float:
+    """Model state of a rank, from its engine's memory model (``Engine.state_bytes_per_param``)."""
+    engine, variant = VARIANTS[label]
+    return n_params * engine.state_bytes_per_param(variant, bf16, dp) + engine.gathered_bytes(variant, largest_unit,
+                                                                                               bf16)
 
 
 def estimate(cfg: Config, layout: Layout, hw: Hardware, split: ParamSplit | None = None,
@@ -180,7 +189,7 @@ def estimate(cfg: Config, layout: Layout, hw: Hardware, split: ParamSplit | None
     elem = 2 if bf16 else 4
     in_flight = layout.grad_accum if layout.pp > 1 else 1  # GPipe order: the whole step's micro-batches
     worst_total, worst = -1.0, (0, 0.0, 0.0)
-    largest_unit = (m.middle_layers if m.kind in LOOPED_KINDS else 1) * (split.layer_sharded + split.layer_replicated)
+    largest_unit = (m.middle_layers if m.looped else 1) * (split.layer_sharded + split.layer_replicated)
     for stage in range(layout.pp):
         n = params_on_stage(split, m, layout.tp, layout.pp, stage)
         state = state_bytes(n, layout.engine, bf16, layout.dp, largest_unit)
@@ -194,8 +203,7 @@ def estimate(cfg: Config, layout: Layout, hw: Hardware, split: ParamSplit | None
     if layout.recompute == "loop":
         flops *= 4 / 3  # the middle block's forward runs twice
     compute = flops / hw.gpus / (hw.peak_flops * hw.mfu)
-    passes = m.loops if m.kind in LOOPED_KINDS else 1
-    bubble = (layout.pp - 1) / (layout.grad_accum * passes) if layout.pp > 1 else 0.0
+    bubble = (layout.pp - 1) / (layout.grad_accum * m.passes) if layout.pp > 1 else 0.0
     tp_overhead = 0.04 * (layout.tp - 1) if layout.tp <= hw.gpus_per_node else 0.5 * layout.tp
     grad_bytes = n * 4 * 2 * (layout.dp - 1) / max(layout.dp, 1)
     bw = hw.inter_node_bw if hw.gpus > hw.gpus_per_node else hw.intra_node_bw
@@ -217,8 +225,8 @@ def candidate_layouts(cfg: Config, hw: Hardware, global_batch: int) -> list[Layo
             dp = hw.gpus // (tp * pp)
             if global_batch % dp:
                 continue
-            for engine in ("megatron", "megatron+distopt", "fsdp"):
-                for recompute in ("none", "loop") if cfg.model.kind in LOOPED_KINDS else ("none",):
+            for engine in VARIANTS:
+                for recompute in ("none", "loop") if cfg.model.looped else ("none",):
                     per_dp = global_batch // dp
                     for mb in (8, 4, 2, 1):
                         if per_dp % mb:
@@ -232,11 +240,9 @@ def candidate_layouts(cfg: Config, hw: Hardware, global_batch: int) -> list[Layo
 def _valid(cfg: Config, layout: Layout, hw: Hardware) -> bool:
     nodes = max(1, hw.gpus // hw.gpus_per_node)
     trial = dataclasses.replace(cfg, parallel=dataclasses.replace(
-        cfg.parallel, engine="fsdp" if layout.engine == "fsdp" else "megatron", tp=layout.tp, pp=layout.pp,
-        distributed_optimizer=layout.engine == "megatron+distopt", overlap_grad_reduce=False,
-        nnodes=nodes, nproc_per_node=hw.gpus // nodes))
+        cfg.parallel, **layout.parallel_settings, nnodes=nodes, nproc_per_node=hw.gpus // nodes))
     try:
-        validate(trial)
+        engines.validate(trial)
     except ConfigError:
         return False
     return True

@@ -22,7 +22,8 @@ from pathlib import Path
 import jinja2
 
 from hyperloop_dist.cluster.profile import ClusterProfile
-from hyperloop_dist.config import Config, ConfigError, dump_config, validate
+from hyperloop_dist.config import Config, ConfigError, dump_config
+from hyperloop_dist.train import engines
 from hyperloop_dist.train.hang import HANG_REQUEUES
 from hyperloop_dist.train.signals import REQUEUE_EXIT
 
@@ -88,7 +89,7 @@ def prepare(cfg: Config, profile: ClusterProfile, recipe_name: str, run_dir: str
     run = Path(run_dir or cfg.train.run_dir)
     run = (run if run.is_absolute() else root / run).resolve()
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(run)))
-    validate(cfg)
+    engines.validate(cfg)
     check_fits(cfg, profile)
     return Job(cfg, profile, run, render(cfg, profile, run, root, recipe_name))
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperloop_dist.cluster.profile import ClusterProfile
-from hyperloop_dist.config import Config, ConfigError, load_config
+from hyperloop_dist.config import Config, ConfigError
 from hyperloop_dist.model.hyper_connections import KINDS
+from hyperloop_dist.train.entry import load_items
 
 BOOKKEEPING = ".sweep"  # under --out; hidden from the `OUT/*/*` glob the fit command uses
 
@@ -66,7 +67,7 @@ def plan_sweep(recipe: str | None, base_overrides: list[str], axes: list[str], k
     for point in grid_points(axes, kinds):
         run_dir = point_dir(out.resolve(), point)
         argv = [*([recipe] if recipe else []), *base_overrides, *point, f"train.run_dir={run_dir}"]
-        cfg = load_config(argv[0] if recipe else None, argv[1:] if recipe else argv)
+        cfg = load_items(argv, layout=True)
         points.append(SweepPoint(point, argv, run_dir, cfg))
     return points
 
@@ -75,7 +76,7 @@ def train_point(argv: list[str]) -> int:
     """What each array element runs (pickled by submitit): join the job's ranks, then `hyperloop train`."""
     import submitit
 
-    from hyperloop_dist.cli import main
+    from hyperloop_dist.train.entry import train
 
     # submitit seeds its port choice with the job id alone, and job ids repeat across clusters (every test
     # cluster starts at 1): two sweeps sharing a host then collide. Every rank derives the same port from
@@ -85,7 +86,7 @@ def train_point(argv: list[str]) -> int:
         key = f"{os.environ.get('SLURM_JOB_ID', '')}:{' '.join(argv)}"
         dist_env.master_port = 20000 + zlib.crc32(key.encode()) % 40000
     dist_env.export(set_cuda_visible_devices=False)
-    status = main(["train", *argv])
+    status = train(argv)
     if status:
         raise SystemExit(status)
     return status

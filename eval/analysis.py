@@ -52,11 +52,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hyperloop_dist.config import ModelConfig
 from hyperloop_dist.evaluation.heldout import heldout_windows
 from hyperloop_dist.evaluation.loading import EvalError, LoadedModel, load_for_eval
 from hyperloop_dist.evaluation.offline import eval_config, format_table
 from hyperloop_dist.model.hyper_connections import (
-    LOOPED_KINDS,
     HyperConnection,
     collapse_streams,
     expand_streams,
@@ -76,17 +76,18 @@ class Trace:
     middle: list[list[torch.Tensor]]  # [loop][middle layer] outputs inside the loop (looped kinds; else [])
 
 
-def layer_names(kind: str, begin: int, middle: int, end: int, loops: int) -> list[str]:
+def layer_names(cfg: ModelConfig) -> list[str]:
     """Names of the ``D`` effective layers in execution order: ``B0``, ``L1.M0``, ``E0`` (unlooped: 0..)."""
-    if kind not in LOOPED_KINDS:
-        return [str(i) for i in range(begin + loops * middle + end)]
-    return ([f"B{i}" for i in range(begin)] + [f"L{i}.M{j}" for i in range(loops) for j in range(middle)]
-            + [f"E{i}" for i in range(end)])
+    if not cfg.looped:
+        return [str(i) for i in range(cfg.effective_depth)]
+    return ([f"B{i}" for i in range(cfg.begin_layers)]
+            + [f"L{i}.M{j}" for i in range(cfg.loops) for j in range(cfg.middle_layers)]
+            + [f"E{i}" for i in range(cfg.end_layers)])
 
 
-def loop_ends(kind: str, begin: int, middle: int, loops: int) -> list[int]:
+def loop_ends(cfg: ModelConfig) -> list[int]:
     """Effective-layer indices where a loop ends (looped kinds): where the lens reads the real loop output."""
-    return [begin + (i + 1) * middle - 1 for i in range(loops)] if kind in LOOPED_KINDS else []
+    return [cfg.begin_layers + (i + 1) * cfg.middle_layers - 1 for i in range(cfg.loops)] if cfg.looped else []
 
 
 @torch.no_grad()
@@ -105,7 +106,7 @@ def trace(model: ReferenceModel, tokens: torch.Tensor) -> Trace:
             state = model.hc[2 * i + 1](state, layer.mlp_branch)
             out.residuals.append(collapse_streams(state))
         return out
-    if cfg.kind not in LOOPED_KINDS:
+    if not cfg.looped:
         for layer in layers:
             x = layer(x, angles)
             out.residuals.append(x)
@@ -123,7 +124,7 @@ def trace(model: ReferenceModel, tokens: torch.Tensor) -> Trace:
 def _trace_loops(model: ReferenceModel, x: torch.Tensor, angles: torch.Tensor, out: Trace) -> torch.Tensor:
     """The looped middle block; appends to ``out`` and returns the end block's input."""
     cfg = model.cfg
-    hyperloop = cfg.kind == "hyperloop"
+    hyperloop = cfg.has_hc  # (this runs for the looped kinds only)
     state = expand_streams(x, cfg.hc.streams) if hyperloop else None
     for loop in range(cfg.loops):
         e = None if model.loop_embedding is None else model.loop_embedding[loop].to(x.dtype)
@@ -207,9 +208,8 @@ def analyze_model(model: ReferenceModel, windows: torch.Tensor, source: str = "m
     """Table 8, Figure 3 and Figure 4 of ``model`` on ``windows [m, seq + 1]`` (inputs and next tokens)."""
     cfg = model.cfg
     model = model.to(device).eval()
-    names = layer_names(cfg.kind, cfg.begin_layers, cfg.middle_layers, cfg.end_layers, cfg.loops)
-    looped = cfg.kind in LOOPED_KINDS
-    sums = _Sums(len(names), cfg.middle_layers if looped else 0)
+    names = layer_names(cfg)
+    sums = _Sums(len(names), cfg.middle_layers if cfg.looped else 0)
     batches = math.ceil(len(windows) / batch_size)
     for i in range(batches):
         rows = windows[i * batch_size:(i + 1) * batch_size]
@@ -219,11 +219,11 @@ def analyze_model(model: ReferenceModel, windows: torch.Tensor, source: str = "m
         if progress is not None:
             progress(f"analyze  {source}: batch {i + 1}/{batches} ({sums.tokens:,} tokens)")
     n = sums.tokens
-    middle = (sums.middle / sums.middle_count).tolist() if looped and sums.middle_count else None
+    middle = (sums.middle / sums.middle_count).tolist() if cfg.looped and sums.middle_count else None
     return Analysis(
         source=source, kind=cfg.kind,
         layout=f"{cfg.begin_layers}/{cfg.middle_layers}x{cfg.loops}/{cfg.end_layers}",
-        layers=names, loop_ends=loop_ends(cfg.kind, cfg.begin_layers, cfg.middle_layers, cfg.loops),
+        layers=names, loop_ends=loop_ends(cfg),
         windows=len(windows), tokens=n, windows_sha256=hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
         cosine=(sums.cos / n).tolist(), cross_entropy=(sums.ce / n).tolist(), entropy=(sums.ent / n).tolist(),
         accuracy=(sums.correct / n).tolist(), middle_cosine=middle,

@@ -4,7 +4,7 @@ Formats are tried in order; each is a ``(name, detect, load)`` entry of :data:`L
 
 * ``release``: ``hyperloop export --release`` output (``config.json`` + ``model.safetensors``),
 * ``checkpoint``: a training checkpoint or a run directory (its latest good checkpoint), consolidated in
-  memory through the release code (any TP / PP / DP layout, Megatron or FSDP engine).
+  memory through the release code (any engine and layout).
 
 * ``int4-release``: ``hyperloop export --int4`` output (compressed-tensors W4A16), loaded through
   ``transformers`` and dequantized; its table rows add the bf16 loss measured at export and both sizes.
@@ -52,7 +52,7 @@ class LoadedModel:
 
 
 def _is_release(path: Path) -> bool:
-    from hyperloop_dist.checkpoint.release import RELEASE_FORMAT
+    from hyperloop_dist.export.release import RELEASE_FORMAT
 
     config = path / "config.json"
     if not config.is_file() or not (path / "model.safetensors").is_file():
@@ -64,7 +64,7 @@ def _is_release(path: Path) -> bool:
 
 
 def _load_release(path: Path) -> LoadedModel:
-    from hyperloop_dist.checkpoint.release import load_release
+    from hyperloop_dist.export.release import load_release
 
     model = load_release(path)
     return LoadedModel(model, model.cfg, path / "tokenizer.model", f"release {path}")
@@ -75,16 +75,12 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _load_checkpoint(path: Path) -> LoadedModel:
-    from hyperloop_dist.checkpoint.release import load_megatron_weights, single_process_world
     from hyperloop_dist.checkpoint.store import resolve_checkpoint
-    from hyperloop_dist.model.reference import ReferenceModel, from_megatron_state_dict
+    from hyperloop_dist.export.release import checkpoint_model
 
     checkpoint = resolve_checkpoint(path)
-    with single_process_world():
-        cfg, tensors = load_megatron_weights(checkpoint)
-    model = ReferenceModel(cfg)
-    model.load_state_dict(from_megatron_state_dict(tensors), strict=True)
-    return LoadedModel(model.eval(), cfg, checkpoint / "tokenizer.model", f"checkpoint {checkpoint}")
+    model = checkpoint_model(checkpoint)
+    return LoadedModel(model, model.cfg, checkpoint / "tokenizer.model", f"checkpoint {checkpoint}")
 
 
 def _is_int4_release(path: Path) -> bool:

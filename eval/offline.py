@@ -71,7 +71,7 @@ def evaluate_checkpoint(path: str | Path, config_args: list[str] | None = None, 
                         f"`hyperloop eval {path} data.corpus=dir data.dir=DIR`") from None
     total, count = heldout_nll(reference_token_nll(loaded.model), data, batch_size)
     result = OfflineResult(loaded.source, float(total.sum()) / count, count, m.loops, notes=loaded.notes)
-    if m.kind in LOOPED_KINDS and hasattr(loaded.model, "middle"):
+    if m.looped and hasattr(loaded.model, "middle"):
         from hyperloop_dist.evaluation.loops import loop_nll, reference_parts
 
         wanted = sorted(set(loops or range(1, m.loops + 1)) | {m.loops})

@@ -29,7 +29,6 @@ from hyperloop_dist.evaluation.heldout import (
     heldout_nll,
     heldout_windows,
 )
-from hyperloop_dist.model.hyper_connections import LOOPED_KINDS
 from hyperloop_dist.train.hang import inject_eval_error
 
 
@@ -44,9 +43,9 @@ class PeriodicEval:
         self.windows: torch.Tensor | None = None
         self.disabled = False
         self.last: dict[str, Any] = {}
-        self.per_loop = cfg.eval.per_loop and cfg.model.kind in LOOPED_KINDS and not pipelined
+        self.per_loop = cfg.eval.per_loop and cfg.model.looped and not pipelined
         self.tasks = list(cfg.eval.tasks) if not pipelined else []
-        if pipelined and (cfg.eval.tasks or (cfg.eval.per_loop and cfg.model.kind in LOOPED_KINDS)):
+        if pipelined and (cfg.eval.tasks or (cfg.eval.per_loop and cfg.model.looped)):
             log("eval: per-loop curve and lm-eval tasks need pp=1; under the pipeline only the held-out loss "
                 "runs (use `hyperloop eval` on the checkpoint for the rest)")
 

@@ -12,47 +12,15 @@ import sys
 from pathlib import Path
 
 from hyperloop_dist.checkpoint.store import CheckpointError
-from hyperloop_dist.config import Config, ConfigError, load_config
+from hyperloop_dist.config import ConfigError
 from hyperloop_dist.data.stream import DataError
-
-
-def _split_recipe(items: list[str]) -> tuple[str | None, list[str]]:
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
-
-
-def _load(items: list[str]) -> Config:
-    recipe, overrides = _split_recipe(items)
-    return load_config(recipe, overrides)
+from hyperloop_dist.train.entry import load_items as _load
+from hyperloop_dist.train.entry import split_recipe as _split_recipe
+from hyperloop_dist.train.entry import train
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from hyperloop_dist.data.token_windows import prepare_corpus
-    from hyperloop_dist.parallel.launch import first_failure, inside_launcher, launch
-    from hyperloop_dist.train.hang import HANG_EXIT
-    from hyperloop_dist.train.signals import REQUEUE_EXIT
-    from hyperloop_dist.train.trainer import run_training
-
-    cfg = _load(args.config)
-    if not inside_launcher():
-        try:
-            prepare_corpus(cfg)
-        except DataError as exc:  # a failure of the run (exit 1), found before any process starts
-            print(f"hyperloop: training failed before start: DataError: {exc}", file=sys.stderr)
-            return 1
-    try:
-        results = launch(cfg, run_training, cfg)
-    except ChildFailedError as exc:  # the ranks' tracebacks are above; end with the one line that matters
-        rank, exitcode, reason = first_failure(exc)
-        print(f"hyperloop: training failed (first failure: rank {rank}, exit code {exitcode}): {reason}",
-              file=sys.stderr)
-        # The hang watchdog asked for a requeue (train.requeue_on_hang): pass its status on.
-        return HANG_EXIT if any(f.exitcode == HANG_EXIT for f in exc.failures.values()) else 1
-    # Stopped early by SIGUSR1/SIGTERM after a checkpoint: the status the sbatch template requeues on.
-    return REQUEUE_EXIT if any(getattr(r, "stopped_by", None) for r in results) else 0
+    return train(args.config)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -113,7 +81,7 @@ def _export_items(items: list[str]) -> tuple[list[str], str, str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hyperloop_dist.checkpoint.release import export_release, load_release
+    from hyperloop_dist.export.release import export_release, load_release
 
     if args.release == args.int4:
         print("hyperloop export: choose one format: --release (bf16/fp32 release) or --int4", file=sys.stderr)
@@ -175,7 +143,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from hyperloop_dist.cluster.submit import prepare, sbatch, write_run_dir
 
     recipe, _ = _split_recipe(args.config)
-    job = prepare(_load(args.config), load_profile(args.cluster), Path(recipe).stem if recipe else "tiny-cpu",
+    job = prepare(_load(args.config, layout=True), load_profile(args.cluster), Path(recipe).stem if recipe else "tiny-cpu",
                   run_dir=args.run_dir)
     if args.dry_run:
         print(job.script, end="")
@@ -189,7 +157,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from hyperloop_dist.cluster.plan import Hardware, format_plan, parse_mem, plan
 
-    cfg = _load(args.config)
+    cfg = _load(args.config, layout=True)
     if args.gpus < 1 or args.gpus_per_node < 1 or (args.gpus > args.gpus_per_node and args.gpus % args.gpus_per_node):
         raise ConfigError(f"--gpus={args.gpus} --gpus-per-node={args.gpus_per_node}: use whole nodes")
     hw = Hardware(gpus=args.gpus, gpu_mem_bytes=parse_mem(args.gpu_mem),
@@ -287,10 +255,10 @@ def cmd_scaling_predict(args: argparse.Namespace) -> int:
     if args.config:
         from hyperloop_dist.model.params import report
 
-        cfg = load_config(args.config[0], args.config[1:])
+        cfg = _load(args.config)
         kind = kind or cfg.model.kind
         if kind != cfg.model.kind:
-            cfg = load_config(args.config[0], [*args.config[1:], f"model.kind={kind}"])
+            cfg = _load([*args.config, f"model.kind={kind}"])
         params = params or report(cfg.model).non_embedding
         tokens = tokens or float(cfg.train.steps * cfg.train.micro_batch_size * cfg.train.grad_accum
                                  * cfg.data_parallel_size * cfg.model.seq_length)

@@ -3,6 +3,10 @@
 The dataclass defaults *are* the ``tiny-cpu`` recipe (``hyperloop train`` with no recipe runs it).
 A recipe file sets any subset of fields; ``section.field=value`` overrides after the recipe are parsed
 as YAML scalars and validated the same way. Every error names the field, the value and what is allowed.
+
+:func:`validate` holds the rules every engine shares; each engine's own (``parallel.engine`` and its
+settings) are in :mod:`hyperloop_dist.train.engines`, whose ``validate`` runs both and is what the commands
+that run or plan a layout call.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from hyperloop_dist.model.hyper_connections import HC_RES_MODES, KINDS, LOOPED_KINDS
+from hyperloop_dist.model.hyper_connections import HC_KINDS, HC_RES_MODES, KINDS, LOOPED_KINDS
 
 
 class ConfigError(ValueError):
@@ -82,10 +86,28 @@ class ModelConfig:
         return self.begin_layers + self.loops * self.middle_layers + self.end_layers
 
     @property
+    def looped(self) -> bool:
+        """The middle block's weights are applied ``loops`` times (hyperloop, looped)."""
+        return self.kind in LOOPED_KINDS
+
+    @property
+    def has_hc(self) -> bool:
+        """The residual stream is widened into ``hc.streams`` streams (hyperloop, mhc)."""
+        return self.kind in HC_KINDS
+
+    @property
+    def passes(self) -> int:
+        """Passes through the built middle block per forward."""
+        return self.loops if self.looped else 1
+
+    @property
+    def middle_layers_built(self) -> int:
+        """Distinct middle layers: the shared block, or the unrolled depth of the baselines."""
+        return self.middle_layers if self.looped else self.loops * self.middle_layers
+
+    @property
     def unique_layers(self) -> int:
-        if self.kind in LOOPED_KINDS:
-            return self.begin_layers + self.middle_layers + self.end_layers
-        return self.effective_depth
+        return self.begin_layers + self.middle_layers_built + self.end_layers
 
     def as_kind(self, kind: str) -> ModelConfig:
         """The same network at matched effective depth, as another kind (for baselines)."""
@@ -368,29 +390,6 @@ def _positive(path: str, value: float, zero_ok: bool = False) -> None:
     _require(ok, f"{path}={value!r}: must be {'>= 0' if zero_ok else '> 0'}")
 
 
-def _validate_deepspeed(cfg: Config) -> None:
-    p = cfg.parallel
-    _one_of("parallel.zero_stage", p.zero_stage, (1, 2, 3))
-    if p.engine != "deepspeed":
-        _require(p.zero_stage == 1 and not p.offload_optimizer,
-                 f"parallel.zero_stage={p.zero_stage} / parallel.offload_optimizer={p.offload_optimizer} are "
-                 f"deepspeed-engine settings (engine is {p.engine!r}); set parallel.engine=deepspeed (the megatron "
-                 "engine's ZeRO-1 is parallel.distributed_optimizer=true)")
-        return
-    _require(p.pp == 1, f"parallel.engine='deepspeed' with pp={p.pp}: the loop-aware pipeline is a megatron-engine "
-                        "feature (DeepSpeed's own pipeline cannot share the middle block's weights across stages); "
-                        "use parallel.engine=megatron for PP")
-    _require(p.tp == 1 or p.zero_stage < 3,
-             f"parallel.engine='deepspeed' with tp={p.tp} and zero_stage=3: ZeRO-3 would shard Megatron's "
-             "tensor-parallel weights a second time; use zero_stage=1 or 2 with TP")
-    _require(not p.distributed_optimizer and not p.overlap_grad_reduce,
-             "parallel.distributed_optimizer / parallel.overlap_grad_reduce are megatron-engine settings; "
-             "with parallel.engine=deepspeed use parallel.zero_stage")
-    _require(p.fsdp_shard == "full" and not p.fsdp_reshard_middle,
-             "parallel.fsdp_shard / parallel.fsdp_reshard_middle are fsdp-engine settings; remove them with "
-             "parallel.engine=deepspeed")
-
-
 def validate(cfg: Config) -> None:
     m, p, o, d, t = cfg.model, cfg.parallel, cfg.optim, cfg.data, cfg.train
     _one_of("model.kind", m.kind, KINDS)
@@ -416,15 +415,6 @@ def validate(cfg: Config) -> None:
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.init_std", m.init_std)
 
-    _one_of("parallel.engine", p.engine, ("megatron", "fsdp", "deepspeed"))
-    _one_of("parallel.fsdp_shard", p.fsdp_shard, ("full", "hybrid"))
-    if p.engine == "fsdp":
-        _require(p.tp == 1 and p.pp == 1, f"parallel.engine='fsdp' with tp={p.tp}, pp={p.pp}: the fsdp engine "
-                                          "shards data-parallel only; use parallel.engine=megatron for TP/PP")
-        _require(not p.distributed_optimizer and not p.overlap_grad_reduce,
-                 "parallel.distributed_optimizer / parallel.overlap_grad_reduce are Megatron-engine settings; "
-                 "FSDP shards optimizer state and overlaps reduce-scatter by itself")
-    _validate_deepspeed(cfg)
     _one_of("parallel.backend", p.backend, ("auto", "gloo", "nccl"))
     for name in ("nproc_per_node", "nnodes", "tp", "pp", "timeout_s"):
         _positive(f"parallel.{name}", getattr(p, name))
@@ -432,19 +422,6 @@ def validate(cfg: Config) -> None:
         for name, value in (("model.num_heads", m.num_heads), ("model.num_query_groups", m.query_groups),
                             ("model.ffn_hidden_size", m.ffn_size), ("model.vocab_size", m.vocab_size)):
             _require(value % p.tp == 0, f"parallel.tp={p.tp}: must divide {name}={value}")
-    if p.pp > 1:
-        _require(not p.overlap_grad_reduce, f"parallel.overlap_grad_reduce=true with parallel.pp={p.pp}: not offered "
-                                            "with the circular pipeline yet; set parallel.overlap_grad_reduce=false")
-        _require(m.kind != "mhc", f"parallel.pp={p.pp} with model.kind='mhc': mHC wraps every layer, so its stream "
-                                  "state would cross every stage; use parallel.pp=1 for mhc")
-        _require(not m.tie_embeddings, f"parallel.pp={p.pp} with model.tie_embeddings=true: the embedding and head "
-                                       "sit on different stages; set model.tie_embeddings=false")
-        middle = m.middle_layers if m.kind in LOOPED_KINDS else m.loops * m.middle_layers
-        valid = [d for d in range(1, middle + 1) if middle % d == 0]
-        _require(middle % p.pp == 0,
-                 f"parallel.pp={p.pp}: the middle block's {middle} layers are split evenly over the pipeline "
-                 f"(model.middle_layers{'' if m.kind in LOOPED_KINDS else ' x model.loops'}); valid parallel.pp: "
-                 f"{', '.join(map(str, valid))}")
     _require(cfg.world_size % (p.tp * p.pp) == 0,
              f"parallel.nproc_per_node*parallel.nnodes={cfg.world_size}: must be divisible by tp*pp={p.tp * p.pp}")
 

@@ -11,16 +11,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _torch_optimizers(optimizer: object) -> list[torch.optim.Optimizer]:
-    """The torch optimizers inside a Megatron optimizer (chained or not), or the optimizer itself."""
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return [optimizer]
-    found: list[torch.optim.Optimizer] = []
-    for inner in getattr(optimizer, "chained_optimizers", None) or [getattr(optimizer, "optimizer", None)]:
-        if inner is not None and inner is not optimizer:
-            found.extend(_torch_optimizers(inner))
-    return found
+from hyperloop_dist.train.engines.base import torch_optimizers
 
 
 def use_fused_adamw(optimizer: object) -> int:
@@ -30,7 +21,7 @@ def use_fused_adamw(optimizer: object) -> int:
     unfused one already taken keeps it on the host.
     """
     switched = 0
-    for opt in _torch_optimizers(optimizer):
+    for opt in torch_optimizers(optimizer):
         if not isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
             continue
         if any(opt.state.get(p) for group in opt.param_groups for p in group["params"]):

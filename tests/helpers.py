@@ -53,6 +53,6 @@ def checkpoint(run_dir: Path, step: int) -> Path:
 
 def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     """Full (TP = 1) weights of a checkpoint, whatever layout saved it (needs the megatron_world fixture)."""
-    from hyperloop_dist.checkpoint.release import load_megatron_weights
+    from hyperloop_dist.export.release import load_megatron_weights
 
     return load_megatron_weights(checkpoint(run_dir, step))[1]

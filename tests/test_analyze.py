@@ -103,7 +103,7 @@ def test_a_middle_block_that_passes_its_input_through_is_the_same_in_every_loop(
 
 def write_release(model: ReferenceModel, out: Path, tokenizer: Path) -> Path:
     """A release of an in-process model, in the layout ``hyperloop export --release`` writes."""
-    from hyperloop_dist.checkpoint.release import RELEASE_FORMAT
+    from hyperloop_dist.export.release import RELEASE_FORMAT
 
     out.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))

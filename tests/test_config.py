@@ -55,10 +55,10 @@ BAD = [
     (["parallel.tp=3"], "parallel.tp=3: must divide model.num_heads=4"),
     (["parallel.tp=2", "model.vocab_size=2047"], "parallel.tp=2: must divide model.vocab_size=2047"),
     (["parallel.engine=horovod"], "parallel.engine='horovod': must be one of"),
-    (["parallel.pp=3", "model.tie_embeddings=false"],
+    (["parallel.pp=3", "parallel.nproc_per_node=3", "model.tie_embeddings=false"],
      "parallel.pp=3: the middle block's 2 layers are split evenly over the pipeline (model.middle_layers); "
      "valid parallel.pp: 1, 2"),
-    (["parallel.pp=4", "model.kind=transformer", "model.tie_embeddings=false"],
+    (["parallel.pp=4", "parallel.nproc_per_node=4", "model.kind=transformer", "model.tie_embeddings=false"],
      "the middle block's 6 layers are split evenly over the pipeline (model.middle_layers x model.loops); "
      "valid parallel.pp: 1, 2, 3, 6"),
     (["parallel.pp=2"], "parallel.pp=2 with model.tie_embeddings=true: the embedding and head sit on different "
@@ -73,8 +73,10 @@ BAD = [
 
 @pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_bad_values_name_the_field(overrides: list[str], message: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        load_config(None, overrides)
+    from hyperloop_dist.train import engines
+
+    with pytest.raises(ConfigError) as info:  # as `hyperloop train` loads: the engine's rules too
+        engines.validate(load_config(None, overrides))
     assert message in str(info.value)
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyperloop_dist.checkpoint.release import export_release, load_release
 from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import ConfigError, load_config
+from hyperloop_dist.export.release import export_release, load_release
 
 from .helpers import checkpoint, losses, train
 
@@ -38,7 +38,7 @@ def zero(stage: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_data: list[str], single_run: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from hyperloop_dist.parallel.zero import prebuild_ops
+    from hyperloop_dist.train.engines.deepspeed import prebuild_ops
 
     prebuild_ops()  # a no-op once .ci/run built it; otherwise both ranks of the first run would wait for it
     root = tmp_path_factory.mktemp("deepspeed")
@@ -107,7 +107,7 @@ def test_saved_on_two_ranks_resumes_on_two_ranks(runs: dict, tiny_data: list[str
 
 def _trained_module(run_dir: Path) -> dict[str, torch.Tensor]:
     """The module DeepSpeed saved at the end of a ZeRO-1/2 run: every rank's whole, trained fp32 model."""
-    from hyperloop_dist.parallel.zero import CHECKPOINT_DIR, TAG, _allowed_globals
+    from hyperloop_dist.train.engines.deepspeed import CHECKPOINT_DIR, TAG, _allowed_globals
 
     path = checkpoint(run_dir, STEPS) / CHECKPOINT_DIR / TAG / "mp_rank_00_model_states.pt"
     with torch.serialization.safe_globals(_allowed_globals()):
@@ -132,13 +132,14 @@ def test_release_gives_the_trained_models_logits(runs: dict, tmp_path: Path, sta
 
 @pytest.mark.slow
 def test_resume_on_another_layout_is_refused_with_the_way_out(runs: dict) -> None:
-    from hyperloop_dist.parallel import zero
+    from hyperloop_dist.train.engines.deepspeed import DeepSpeedEngine
 
     step = checkpoint(runs[1], 3)
     saved = {"tp": 1, "dp": 2}
+    engine = DeepSpeedEngine.__new__(DeepSpeedEngine)  # the layout check comes before any DeepSpeed call
     with pytest.raises(CheckpointError, match=r"resumes only on the layout that saved it \(tp=1, dp=2\); this run "
                                               r"has tp=1, dp=1.*hyperloop export --release"):
-        zero.load(None, step, saved, {"tp": 1, "dp": 1})
+        engine.load(step, saved, {"tp": 1, "dp": 1}, 3)
 
 
 @pytest.mark.slow
@@ -147,7 +148,7 @@ def test_pickles_beyond_the_allowlist_are_refused(runs: dict, tmp_path: Path) ->
     stopped before that."""
     import fractions
 
-    from hyperloop_dist.parallel.zero import screen_pickles
+    from hyperloop_dist.train.engines.deepspeed import screen_pickles
 
     shutil.copytree(checkpoint(runs[1], 3) / "deepspeed", tmp_path / "ds")
     screen_pickles(tmp_path / "ds")  # DeepSpeed's own files pass
@@ -159,32 +160,39 @@ def test_pickles_beyond_the_allowlist_are_refused(runs: dict, tmp_path: Path) ->
 BAD = [
     (["parallel.engine=deepspeed", "parallel.zero_stage=4"], "parallel.zero_stage=4: must be one of 1, 2, 3"),
     (["parallel.engine=deepspeed", "parallel.zero_stage=0"], "parallel.zero_stage=0: must be one of 1, 2, 3"),
-    (["parallel.offload_optimizer=true"], "are deepspeed-engine settings (engine is 'megatron')"),
-    (["parallel.engine=fsdp", "parallel.zero_stage=3"], "are deepspeed-engine settings (engine is 'fsdp')"),
+    (["parallel.offload_optimizer=true"], "parallel.offload_optimizer=true is a setting of the deepspeed engine "
+                                          "(parallel.engine is 'megatron')"),
+    (["parallel.engine=fsdp", "parallel.zero_stage=3"], "parallel.zero_stage=3 is a setting of the deepspeed engine "
+                                                        "(parallel.engine is 'fsdp')"),
     (["parallel.engine=deepspeed", "parallel.pp=2", "model.tie_embeddings=false"],
-     "parallel.engine='deepspeed' with pp=2: the loop-aware pipeline is a megatron-engine feature"),
+     "parallel.pp=2 with parallel.engine='deepspeed': the deepspeed engine has no pipeline parallelism; use "
+     "parallel.engine=megatron"),
     (["parallel.engine=deepspeed", "parallel.tp=2", "parallel.zero_stage=3"], "use zero_stage=1 or 2 with TP"),
-    (["parallel.engine=deepspeed", "parallel.distributed_optimizer=true"], "with parallel.engine=deepspeed use "
-                                                                           "parallel.zero_stage"),
-    (["parallel.engine=deepspeed", "parallel.fsdp_shard=hybrid"], "are fsdp-engine settings"),
+    (["parallel.engine=deepspeed", "parallel.distributed_optimizer=true"],
+     "parallel.distributed_optimizer=true is a setting of the megatron engine"),
+    (["parallel.engine=deepspeed", "parallel.fsdp_shard=hybrid"], "parallel.fsdp_shard='hybrid' is a setting of the "
+                                                                  "fsdp engine"),
+    (["parallel.engine=zero"], "parallel.engine='zero': must be one of 'megatron', 'fsdp', 'deepspeed'"),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_unsupported_combinations_are_rejected_at_load(overrides: list[str], message: str) -> None:
+    from hyperloop_dist.train import engines
+
     with pytest.raises(ConfigError) as info:
-        load_config(None, overrides)
+        engines.validate(load_config(None, overrides))
     assert message in str(info.value)
 
 
 def test_deepspeed_config_is_generated_from_the_recipe() -> None:
-    from hyperloop_dist.parallel.zero import deepspeed_config
+    from hyperloop_dist.train.engines.deepspeed import deepspeed_config
 
     cfg = load_config(None, ["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.offload_optimizer=true",
                              "train.grad_accum=4", "optim.grad_clip=0.5", "train.micro_batch_size=2"])
     ds = deepspeed_config(cfg, dp_size=2)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
         (2, 4, 16)
-    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False, "check_grad_overflow": True}
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

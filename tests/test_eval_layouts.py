@@ -56,8 +56,8 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], task_dir: st
 
     from hyperloop_dist.model.hyperloop import Stage, build_model
     from hyperloop_dist.parallel import cpu_shim
-    from hyperloop_dist.parallel.fsdp import shard_model
     from hyperloop_dist.parallel.pipeline import CircularPipeline
+    from hyperloop_dist.train.engines.fsdp import shard_model
 
     cpu_shim.enable()
     os.environ["LOCAL_RANK"] = str(rank)  # what torchrun sets; DeepSpeed insists on it
@@ -88,15 +88,16 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], task_dir: st
                 report["tasks"] = run_tasks(lm, TASKS, task_dir, TASK_LIMIT)
         ps.destroy_model_parallel()
     # ZeRO-3 (DP=2): parameters partitioned, gathered by DeepSpeed's hooks, the per-loop readout included.
-    from hyperloop_dist.parallel.zero import build_deepspeed_training
+    from hyperloop_dist.parallel.distributed import RankInfo
+    from hyperloop_dist.train.engines.deepspeed import DeepSpeedEngine
 
     ps.initialize_model_parallel(1, 1)
     cpu_shim.seed_model_parallel(0)
     zero3 = _config([*overrides, "parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.nproc_per_node=2"])
-    engine, _, _ = build_deepspeed_training(zero3)
-    engine.eval()
+    engine = DeepSpeedEngine(zero3, RankInfo(rank, 2, rank, ps.get_data_parallel_rank(), 2))
+    engine.model.eval()
     with torch.no_grad():
-        report["zero3"] = _heldout(zero3, engine, lambda t, lab: engine(t, labels=lab), ps.get_data_parallel_rank(),
+        report["zero3"] = _heldout(zero3, engine.model, engine.forward_for_eval, ps.get_data_parallel_rank(),
                                    ps.get_data_parallel_world_size(), ps.get_data_parallel_group())
     ps.destroy_model_parallel()
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))

@@ -30,15 +30,17 @@ def end_to_end(test: Callable) -> Callable:
 STEPS, EVERY = 5, 2
 TASKS = ["hyperloop_next_line", "hyperloop_last_word", "hyperloop_heldout_ppl"]
 LIMIT = 4
+# The README's default engine as users run it: eval on, a checkpoint every 2 steps, a resume, a release.
+RUN = [f"train.steps={STEPS}", f"eval.interval={EVERY}", "eval.windows=16", "eval.tasks=[hyperloop_next_line]",
+       "eval.task_limit=4", "train.save_interval=2", "train.keep_last=3"]
 
 
 @pytest.fixture(scope="module")
 def run(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from hyperloop_dist.checkpoint.release import export_release
+    from hyperloop_dist.export.release import export_release
 
     root = tmp_path_factory.mktemp("eval_run")
-    log = train([*tiny_data, f"train.steps={STEPS}", f"eval.interval={EVERY}", "eval.windows=16",
-                 "eval.tasks=[hyperloop_next_line]", "eval.task_limit=4"], root / "run")
+    log = train([*tiny_data, *RUN], root / "run")
     release = export_release(root / "run", root / "release")
     return {"root": root, "run": root / "run", "log": log.stdout, "release": release, "data": tiny_data}
 
@@ -55,6 +57,29 @@ def test_training_logs_eval_at_its_interval_and_at_the_end(run: dict) -> None:
         assert r["eval/hyperloop_next_line/acc"] in (0, 0.25, 0.5, 0.75, 1)  # lm-eval over the 2 DP ranks
     assert run["log"].count("eval  step") == 3  # progress lines, rank 0 only
     assert f"held-out loss, step {STEPS}" in run["log"] and "held-out loss after loop 1..L" in run["log"]
+
+
+@end_to_end
+def test_resumed_run_continues_with_the_same_losses_and_evaluations(run: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from .helpers import checkpoint, losses
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint(run["run"], 2), checkpoint(resumed, 2))
+    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    log = train([*run["data"], *RUN], resumed)
+    assert "resumed from" in log.stdout
+    straight, after = losses(run["run"]), losses(resumed)
+    for step in range(3, STEPS + 1):
+        assert after[step] == pytest.approx(straight[step], rel=1e-5), step
+
+    def evals(run_dir: Path) -> dict[int, float]:
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+
+    assert evals(resumed) == pytest.approx({s: v for s, v in evals(run["run"]).items() if s > 2}, rel=1e-5)
 
 
 @end_to_end

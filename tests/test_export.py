@@ -197,7 +197,7 @@ def test_release_loads_through_transformers_with_reference_logits(run: Path, cfg
     """`hyperloop export --release` (unchanged format, reference names) is also a transformers checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    from hyperloop_dist.checkpoint.release import export_release, load_release
+    from hyperloop_dist.export.release import export_release, load_release
 
     out = export_release(run, tmp_path / "release")
     reference = load_release(out)

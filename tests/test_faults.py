@@ -309,7 +309,7 @@ def test_a_hung_rank_is_found_its_stacks_written_and_the_job_ended(args: list[st
     run = tmp_path / "run"
     tail = _fails([*args, *STREAM, "data.workers=1", "train.hang_timeout_s=8"], run, "an injected hang",
                   env={"HYPERLOOP_INJECT_HANG": "3@1"})
-    assert "HangDetected: rank 1 stopped making progress in section 'step' at step 3" in tail, tail
+    assert "HangDetected: megatron engine: rank 1 stopped making progress in section 'step' at step 3" in tail, tail
     stacks = sorted(p.name for p in (run / "hang").glob("rank_*.txt"))
     assert stacks == ["rank_00000.txt", "rank_00001.txt"], stacks
     assert "inject_faults" in (run / "hang" / "rank_00001.txt").read_text()

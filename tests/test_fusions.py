@@ -24,21 +24,20 @@ class _Batches:
 def _train(fused: bool, steps: int = 3) -> tuple[list[float], dict[str, torch.Tensor]]:
     from hyperloop_dist.fusions import use_fused_adamw
     from hyperloop_dist.parallel.distributed import RankInfo
-    from hyperloop_dist.train.trainer import build_training, train_step
+    from hyperloop_dist.train.engines.megatron import MegatronEngine
 
     cfg = load_config(None, [*TINY_MODEL, "parallel.nproc_per_node=1", "optim.warmup_steps=0",
                              "logging.wandb_mode=disabled"])
     torch.manual_seed(0)
-    ddp, optimizer, scheduler = build_training(cfg)
+    engine = MegatronEngine(cfg, RankInfo(0, 1, 0, 0, 1))
     if fused:
-        assert use_fused_adamw(optimizer) > 0
+        assert use_fused_adamw(engine.optimizer) > 0
     data = _Batches(cfg.model.vocab_size, cfg.model.seq_length)
-    info = RankInfo(0, 1, 0, 0, 1)
     losses = []
     for step in range(1, steps + 1):
-        losses.append(train_step(cfg, ddp, optimizer, data, step, info)[0])
-        scheduler.step(1)
-    return losses, {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+        losses.append(engine.step([data.next(step, 0)], step, None).loss)
+        engine.scheduler.step(1)
+    return losses, {n: p.detach().clone() for n, p in engine.model.named_parameters()}
 
 
 def test_fused_adamw_trains_like_megatrons_default() -> None:

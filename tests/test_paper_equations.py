@@ -94,10 +94,10 @@ def test_megatron_and_reference_follow_the_papers_equations(res: str, per_loop: 
 def test_checkpoints_and_releases_of_the_earlier_form_are_refused(tmp_path) -> None:
     import json
 
-    from hyperloop_dist.checkpoint.release import release_config
     from hyperloop_dist.checkpoint.store import CheckpointError
     from hyperloop_dist.checkpoint.training_state import check_compatible
     from hyperloop_dist.config import Config
+    from hyperloop_dist.export.release import release_config
 
     with pytest.raises(CheckpointError, match="format version 2 holds the earlier model form.*diagonal sigmoid"):
         check_compatible({"format_version": 2, "model": {}}, Config(), tmp_path)

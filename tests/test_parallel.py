@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hyperloop_dist.checkpoint.release import load_release
+from hyperloop_dist.export.release import load_release
 
 from .helpers import checkpoint, losses, train, weights
 

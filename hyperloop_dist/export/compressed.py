@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,10 +22,10 @@ from compressed_tensors.compressors.base import compress_module
 from compressed_tensors.quantization import apply_quantization_config
 from safetensors.torch import save_file
 
-from hyperloop_dist.checkpoint.release import RELEASE_FORMAT
 from hyperloop_dist.config import ExportConfig
 from hyperloop_dist.export.hf_model import hf_config
 from hyperloop_dist.export.int4 import STORAGE_DTYPE, QuantizedWeights, quantization_config
+from hyperloop_dist.export.release import RELEASE_FORMAT, new_release_dir
 from hyperloop_dist.model.reference import ReferenceModel
 
 WEIGHTS = "model.safetensors"
@@ -52,24 +51,16 @@ def compressed_state_dict(model: ReferenceModel, quantized: QuantizedWeights,
 def write_int4_release(model: ReferenceModel, quantized: QuantizedWeights, export: ExportConfig, out: str | Path,
                        tokenizer: str | Path | None = None, extra: dict | None = None) -> Path:
     """Write the INT4 release directory ``out`` (refused when it exists and is not empty)."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new release directory")
     tensors, work = compressed_state_dict(model, quantized, export)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    info = {**hf_config(model.cfg).to_dict(), "format": RELEASE_FORMAT, "model": dataclasses.asdict(model.cfg),
-            "int4": {"method": quantized.method, "group_size": quantized.group_size, **(extra or {})}}
-    (tmp / "config.json").write_text(json.dumps(info, indent=1))
-    ModelCompressor.from_pretrained_model(work, "pack-quantized").update_config(str(tmp))
-    if tokenizer is not None and Path(tokenizer).is_file():
-        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    return out
+    with new_release_dir(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        info = {**hf_config(model.cfg).to_dict(), "format": RELEASE_FORMAT, "model": dataclasses.asdict(model.cfg),
+                "int4": {"method": quantized.method, "group_size": quantized.group_size, **(extra or {})}}
+        (tmp / "config.json").write_text(json.dumps(info, indent=1))
+        ModelCompressor.from_pretrained_model(work, "pack-quantized").update_config(str(tmp))
+        if tokenizer is not None and Path(tokenizer).is_file():
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+    return Path(out)
 
 
 def is_int4_release(path: str | Path) -> bool:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from hyperloop_dist.config import HCConfig, ModelConfig
+from hyperloop_dist.config import ModelConfig, build_section
 from hyperloop_dist.model.reference import ReferenceModel
 
 MODEL_TYPE = "hyperloop"
@@ -33,9 +33,7 @@ class HyperloopConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def model_config(self) -> ModelConfig:
-        fields = dict(self.model)
-        fields["hc"] = HCConfig(**fields["hc"])
-        return ModelConfig(**fields)
+        return build_section(ModelConfig, self.model, "model.")
 
 
 class HyperloopForCausalLM(PreTrainedModel):

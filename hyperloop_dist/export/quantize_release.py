@@ -18,7 +18,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hyperloop_dist.checkpoint.release import load_release, release_config
 from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import Config, load_config, validate_export
 from hyperloop_dist.evaluation.heldout import heldout_windows
@@ -31,6 +30,7 @@ from hyperloop_dist.export.int4 import (
     storage_rounded,
     target_modules,
 )
+from hyperloop_dist.export.release import checkpoint_model, load_release, release_config
 from hyperloop_dist.model.reference import ReferenceModel
 
 Log = Callable[[str], object]
@@ -40,9 +40,7 @@ QUANTIZED_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape")
 def load_source(source: str | Path, overrides: list[str]) -> tuple[ReferenceModel, Config, Path | None]:
     """The float32 model, the run config (data, export settings) and the tokenizer of ``source``: a
     checkpoint, a run directory (its latest good checkpoint) or a bf16/fp32 release."""
-    from hyperloop_dist.checkpoint.release import load_megatron_weights, single_process_world
     from hyperloop_dist.checkpoint.store import resolve_checkpoint
-    from hyperloop_dist.model.reference import from_megatron_state_dict
 
     source = Path(source)
     if (source / "config.json").is_file():
@@ -56,10 +54,7 @@ def load_source(source: str | Path, overrides: list[str]) -> tuple[ReferenceMode
     else:
         checkpoint = resolve_checkpoint(source)
         cfg = load_config(checkpoint / "config.yaml", overrides)
-        with single_process_world():
-            _, tensors = load_megatron_weights(checkpoint)
-        model = ReferenceModel(cfg.model)
-        model.load_state_dict(from_megatron_state_dict(tensors), strict=True)
+        model = checkpoint_model(checkpoint)
         tokenizer = checkpoint / "tokenizer.model"
     if tokenizer.is_file():
         cfg.data.tokenizer = str(tokenizer)

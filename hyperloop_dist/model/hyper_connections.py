@@ -34,6 +34,7 @@ Block = Callable[[torch.Tensor], torch.Tensor]
 
 KINDS = ("transformer", "mhc", "looped", "hyperloop")
 LOOPED_KINDS = ("looped", "hyperloop")
+HC_KINDS = ("hyperloop", "mhc")  # widened residual stream (ModelConfig.has_hc)
 HC_RES_MODES = ("diagonal", "sinkhorn", "identity")
 
 

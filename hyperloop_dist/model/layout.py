@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from hyperloop_dist.config import ModelConfig
-from hyperloop_dist.model.hyper_connections import LOOPED_KINDS, HyperConnection, num_hyper_connections
+from hyperloop_dist.model.hyper_connections import HyperConnection, num_hyper_connections
 
 
 def block_sizes(cfg: ModelConfig) -> dict[str, int]:
     """Distinct layers per block. Looped kinds hold the middle block once; the others unroll it."""
-    middle = cfg.middle_layers if cfg.kind in LOOPED_KINDS else cfg.loops * cfg.middle_layers
+    middle = cfg.middle_layers_built
     return {"begin": cfg.begin_layers, "middle": middle, "end": cfg.end_layers}
 
 
@@ -26,6 +26,6 @@ def make_hyper_connections(cfg: ModelConfig) -> nn.ModuleList:
 
 def make_loop_embedding(cfg: ModelConfig) -> nn.Parameter | None:
     """Zero-initialized per-loop vectors, so a fresh model equals the one without them."""
-    if cfg.kind not in LOOPED_KINDS or not cfg.loop_embedding:
+    if not cfg.looped or not cfg.loop_embedding:
         return None
     return nn.Parameter(torch.zeros(cfg.loops, cfg.hidden_size))

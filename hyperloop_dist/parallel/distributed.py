@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import math
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +54,11 @@ def init_distributed(cfg: Config) -> RankInfo:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s))
+    # Megatron's groups (TP, PP, DP, ...) get the run's collective timeout too, so a collective that never
+    # completes in eval or a save ends the job with an error instead of waiting Megatron's default 30 min.
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp
+        tensor_model_parallel_size=cfg.parallel.tp, pipeline_model_parallel_size=cfg.parallel.pp,
+        distributed_timeout_minutes=max(1, math.ceil(cfg.parallel.timeout_s / 60)),
     )
     cpu_shim.seed_model_parallel(cfg.train.seed)
     return RankInfo(
@@ -83,3 +89,39 @@ def reap_children(grace_s: float = 5.0) -> None:
         if child.is_alive():
             child.kill()
             child.join(timeout=5)
+
+
+def agree(value: object) -> object:
+    """Rank 0's value on every rank (checkpoint discovery hashes files once, not once per rank)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value: object) -> list[object]:
+    """Every rank's value, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+@contextlib.contextmanager
+def single_process_world() -> Iterator[None]:
+    """A one-rank gloo world with Megatron parallel state (TP = PP = 1), unless one exists already."""
+    from megatron.core import parallel_state
+
+    from hyperloop_dist.parallel.launch import free_port
+
+    cpu_shim.enable()
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        parallel_state.initialize_model_parallel(1, 1)
+    try:
+        yield
+    finally:
+        if owned:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()

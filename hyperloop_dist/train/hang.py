@@ -123,8 +123,9 @@ class HangWatchdog:
 
     def __init__(self, run_dir: Path, rank: int, world_size: int, attempt: str, allowances: Allowances,
                  requeue: bool = False, poll_s: float = 1.0, marker_poll_s: float = 5.0,
-                 grace_s: float = 15.0) -> None:
+                 grace_s: float = 15.0, what: str = "training") -> None:
         self.dir = run_dir / "hang"
+        self.what = what  # named in the verdict, e.g. "deepspeed engine"
         self.requeue = requeue
         self.rank, self.world_size, self.attempt = rank, world_size, attempt
         self.allowances = allowances
@@ -272,7 +273,7 @@ class HangWatchdog:
         while len(beats) < self.world_size and time.monotonic() < deadline:
             time.sleep(0.5)
             beats = self._beats()
-        return describe_hang(beats, self.world_size, state, self.dir)
+        return f"{self.what}: {describe_hang(beats, self.world_size, state, self.dir)}"
 
     def _wait_for_verdict(self) -> str:
         deadline = time.monotonic() + self.grace_s + 10

@@ -12,16 +12,13 @@ import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from hyperloop_dist.parallel import cpu_shim
 from hyperloop_dist.train.hang import injected
-
-if TYPE_CHECKING:
-    from hyperloop_dist.train.signals import StopRequest
+from hyperloop_dist.train.signals import StopRequest
 
 
 class TrainingDiverged(RuntimeError):

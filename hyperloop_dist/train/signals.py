@@ -40,14 +40,6 @@ class StopRequest:
         if self.signum is None:
             self.signum = signum
 
-    def agreed(self) -> bool:
-        """True on every rank once any rank was signalled: a collective of its own, for use outside a
-        training step (inside one, ``all_finite(loss, stop)`` settles it on the way)."""
-        from hyperloop_dist.train.nonfinite import all_finite
-
-        all_finite(0.0, self)
-        return self.everywhere
-
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "a signal on another rank"

@@ -20,15 +20,29 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from hyperloop_dist.checkpoint.store import CheckpointError
+from hyperloop_dist.checkpoint.training_state import read_meta
 from hyperloop_dist.config import Config
 from hyperloop_dist.model.hyperloop import HyperloopModel, build_model
 from hyperloop_dist.parallel import cpu_shim
-from hyperloop_dist.train import hang
+from hyperloop_dist.parallel.distributed import RankInfo
+from hyperloop_dist.train.engines.base import (
+    Engine,
+    PlanVariant,
+    StepResult,
+    accumulate,
+    finite_everywhere,
+    require,
+    restore_adam_step,
+    tensor_bytes,
+    torch_optimizers,
+)
+from hyperloop_dist.train.nonfinite import TrainingDiverged
 from hyperloop_dist.train.torch_optim import adamw, lr_scheduler
 
 if TYPE_CHECKING:
-    from deepspeed import DeepSpeedEngine
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from hyperloop_dist.train.engines.base import Batch
+    from hyperloop_dist.train.signals import StopRequest
 
 CHECKPOINT_DIR = "deepspeed"  # inside a step directory: <step>/deepspeed/<TAG>/...
 TAG = "zero"
@@ -89,7 +103,9 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch_size * t.grad_accum * dp_size,
         "gradient_clipping": cfg.optim.grad_clip,  # 0 = off, as in the other engines
-        "bf16": {"enabled": t.precision == "bf16"},
+        # bf16: DeepSpeed skips a step whose gradient norm is not finite (fp32 does so whenever it computes
+        # the norm), so a NaN loss skips the update as in the other engines.
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         "zero_optimization": zero,
         # The optimizer is ours (torch AdamW, as the other engines); with offload it runs on the CPU copy.
         "zero_allow_untested_optimizer": True,
@@ -111,69 +127,119 @@ def _register_parameters_used_outside_their_module(model: HyperloopModel) -> Non
             register_external_parameter(model, param)
 
 
-def build_deepspeed_training(cfg: Config) -> tuple[DeepSpeedEngine, Any, OptimizerParamScheduler]:
-    """(DeepSpeed engine around the model, its ZeRO optimizer, LR scheduler) for this rank."""
-    from megatron.core import parallel_state
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+    checkpoint_dir = CHECKPOINT_DIR
+    supports_tp = True
+    settings = {"zero_stage": 1, "offload_optimizer": False}
+    plan_variants = tuple(PlanVariant(f"deepspeed-z{stage}", {"zero_stage": stage}) for stage in (1, 2, 3))
 
-    deepspeed = import_deepspeed()
-    # DeepSpeed 0.19.8 calls the deprecated name on every gather; nothing for us to act on, once per step.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    model = build_model(cfg.model, tp=cfg.parallel.tp, precision=cfg.train.precision,
-                        recompute=cfg.train.recompute == "loop", seed=cfg.train.seed)
-    if cpu_shim.cuda_available():
-        model.cuda()
-    ds_config = deepspeed_config(cfg, parallel_state.get_data_parallel_world_size())
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=adamw(cfg, model.parameters()), config=ds_config, mpu=MegatronMpu(),
-        dist_init_required=False,
-    )
-    if cfg.parallel.zero_stage == 3:
-        _register_parameters_used_outside_their_module(model)
-    return engine, optimizer, lr_scheduler(cfg, optimizer)
+    def __init__(self, cfg: Config, info: RankInfo) -> None:
+        """The DeepSpeed engine around the model (called like the model), its ZeRO optimizer, our LR schedule."""
+        from megatron.core import parallel_state
 
-
-def deepspeed_step(engine: DeepSpeedEngine, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    """One optimizer step over the micro-batches; returns (loss averaged over DP ranks, grad norm)."""
-    from megatron.core import parallel_state
-
-    device = cpu_shim.device()
-    total = torch.zeros((), device=device)  # on the device: NCCL reduces nothing else
-    for tokens, labels in batches:
-        loss = engine(tokens.to(device), labels=labels.to(device)).mean()
-        engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
-        engine.step()  # steps the optimizer at the accumulation boundary only
-        total += loss.detach().float() / len(batches)
-    hang.beat("backward")
-    group = parallel_state.get_data_parallel_group()
-    dist.all_reduce(total, group=group)
-    grad_norm = engine.get_global_grad_norm()
-    return float(total) / dist.get_world_size(group), float("nan") if grad_norm is None else float(grad_norm)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save(engine: DeepSpeedEngine, step_dir: Path) -> None:
-    """Every rank: DeepSpeed's own checkpoint (module, ZeRO partitions) into ``step_dir/deepspeed/``."""
-    engine.save_checkpoint(str(step_dir / CHECKPOINT_DIR), tag=TAG, client_state={}, save_latest=False)
-
-
-def load(engine: DeepSpeedEngine, step_dir: Path, saved: dict[str, int], current: dict[str, int]) -> None:
-    """Every rank: restore module and optimizer partitions (the scheduler and RNG are ours)."""
-    from hyperloop_dist.checkpoint.store import CheckpointError
-
-    if (saved["tp"], saved["dp"]) != (current["tp"], current["dp"]):
-        raise CheckpointError(
-            f"{step_dir}: a DeepSpeed ZeRO checkpoint resumes only on the layout that saved it (tp={saved['tp']}, "
-            f"dp={saved['dp']}); this run has tp={current['tp']}, dp={current['dp']}. Resume with the saved "
-            f"layout. `hyperloop export --release {step_dir} OUT` still gives the trained model (for eval and "
-            "export), but starting a new training run from a release is not supported yet"
+        super().__init__(cfg, info)
+        deepspeed = import_deepspeed()
+        # DeepSpeed 0.19.8 calls deprecated torch names on every gather and reduce-scatter; nothing for us to act
+        # on, printed by every rank at every step.
+        for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+            warnings.filterwarnings("ignore", message=f".*{name}.* is deprecated", category=FutureWarning)
+        model = build_model(cfg.model, tp=cfg.parallel.tp, precision=cfg.train.precision,
+                            recompute=cfg.train.recompute == "loop", seed=cfg.train.seed)
+        if cpu_shim.cuda_available():
+            model.cuda()
+        ds_config = deepspeed_config(cfg, parallel_state.get_data_parallel_world_size())
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=adamw(cfg, model.parameters()), config=ds_config, mpu=MegatronMpu(),
+            dist_init_required=False,
         )
-    screen_pickles(step_dir / CHECKPOINT_DIR)
-    path, _ = engine.load_checkpoint(str(step_dir / CHECKPOINT_DIR), tag=TAG, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
-    if path is None:
-        raise CheckpointError(f"{step_dir}: DeepSpeed found no checkpoint under {CHECKPOINT_DIR}/{TAG}")
+        if cfg.parallel.zero_stage == 3:
+            _register_parameters_used_outside_their_module(model)
+        self.model = self.ds.module
+        self.scheduler = lr_scheduler(cfg, self.optimizer)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        p = cfg.parallel
+        require(p.zero_stage in (1, 2, 3), f"parallel.zero_stage={p.zero_stage!r}: must be one of 1, 2, 3")
+        require(p.tp == 1 or p.zero_stage < 3,
+                f"parallel.engine='deepspeed' with tp={p.tp} and zero_stage=3: ZeRO-3 would shard Megatron's "
+                "tensor-parallel weights a second time; use zero_stage=1 or 2 with TP")
+
+    @classmethod
+    def state_bytes_per_param(cls, variant: PlanVariant, bf16: bool, dp: int) -> float:
+        # Weights and gradients in the compute precision; an fp32 master copy and Adam's two moments per
+        # partition. Stage 1 partitions the optimizer state, 2 also the gradients, 3 also the weights.
+        weights = grads = 2 if bf16 else 4
+        optimizer = 4 + 8
+        stage = variant.overrides["zero_stage"]
+        if stage == 1:
+            return weights + grads + optimizer / dp
+        if stage == 2:
+            return weights + (grads + optimizer) / dp
+        return (weights + grads + optimizer) / dp
+
+    @classmethod
+    def gathered_bytes(cls, variant: PlanVariant, largest_unit: int, bf16: bool) -> float:
+        return largest_unit * (2 if bf16 else 4) if variant.overrides["zero_stage"] == 3 else 0.0
+
+    def step(self, batches: list[Batch], index: int, stop: StopRequest | None) -> StepResult:
+        """DeepSpeed steps the optimizer inside ``engine.step()`` at the accumulation boundary, after its own
+        check of the gradient norm: a non-finite norm skips the update there (every rank, the norm is global)."""
+        from megatron.core import parallel_state
+
+        skipped_before = self.ds.skipped_steps
+
+        def backward(loss: torch.Tensor) -> None:
+            self.ds.backward(loss, scale_wrt_gas=False)  # accumulate() already divided by the micro-batches
+            self.ds.step()  # steps the optimizer at the accumulation boundary only
+
+        losses = accumulate(batches, index, lambda t, y: self.ds(t, labels=y), backward=backward)
+        if not finite_everywhere(losses, stop):
+            if self.ds.skipped_steps == skipped_before:  # cannot happen with the generated config
+                raise TrainingDiverged(f"step {index + 1}: non-finite loss, and DeepSpeed applied the update; "
+                                       "resume from the last checkpoint")
+            return StepResult.skipped(losses.non_finite())
+        group = parallel_state.get_data_parallel_group()
+        total = losses.total()
+        dist.all_reduce(total, group=group)
+        grad_norm = self.ds.get_global_grad_norm()
+        return StepResult(float(total) / dist.get_world_size(group),
+                          float("nan") if grad_norm is None else float(grad_norm), [])
+
+    def forward_for_eval(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.ds(tokens, labels=labels)  # ZeRO-3 gathers each module's weights as it runs
+
+    def local_state_bytes(self) -> int:
+        # DeepSpeed's ZeRO optimizers step fp32 copies of this rank's partition: they are extra state.
+        return super().local_state_bytes() + sum(
+            tensor_bytes(p) for opt in torch_optimizers(self.optimizer) for g in opt.param_groups for p in g["params"])
+
+    def save(self, step_dir: Path) -> None:
+        """Every rank: DeepSpeed's own checkpoint (module, ZeRO partitions) into ``step_dir/deepspeed/``."""
+        self.ds.save_checkpoint(str(step_dir / CHECKPOINT_DIR), tag=TAG, client_state={}, save_latest=False)
+
+    def load(self, step_dir: Path, saved_layout: dict[str, int], layout: dict[str, int],
+             optimizer_step: int) -> None:
+        """Every rank: restore module and optimizer partitions (the scheduler and RNG are ours)."""
+        if (saved_layout["tp"], saved_layout["dp"]) != (layout["tp"], layout["dp"]):
+            raise CheckpointError(
+                f"{step_dir}: a DeepSpeed ZeRO checkpoint resumes only on the layout that saved it "
+                f"(tp={saved_layout['tp']}, dp={saved_layout['dp']}); this run has tp={layout['tp']}, "
+                f"dp={layout['dp']}. Resume with the saved layout. `hyperloop export --release {step_dir} OUT` "
+                "still gives the trained model (for eval and export), but starting a new training run from a "
+                "release is not supported yet"
+            )
+        screen_pickles(step_dir / CHECKPOINT_DIR)
+        path, _ = self.ds.load_checkpoint(str(step_dir / CHECKPOINT_DIR), tag=TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"{step_dir}: DeepSpeed found no checkpoint under {CHECKPOINT_DIR}/{TAG}")
+        restore_adam_step(self.optimizer, optimizer_step)
+
+    @classmethod
+    def full_state_dict(cls, step_dir: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return consolidated_state_dict(step_dir, model)
 
 
 def screen_pickles(directory: Path) -> None:
@@ -202,8 +268,6 @@ def consolidated_state_dict(step_dir: Path, model: HyperloopModel) -> dict[str, 
     Megatron split them, read from ``model`` (built at TP = 1, where Megatron still marks each split weight).
     """
     import tempfile
-
-    from hyperloop_dist.checkpoint.training_state import read_meta
 
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
