@@ -1,5 +1,5 @@
 """The ``hyperloop`` command: ``train``, ``data``, ``export``, ``eval``, ``analyze``, ``params``, ``submit``,
-``plan``, ``sweep``, ``scaling fit``.
+``plan``, ``sweep``, ``scaling fit``, ``scaling predict``.
 
 Every subcommand takes an optional recipe (default: the embedded tiny-cpu recipe) followed by
 ``section.field=value`` overrides, validated like the recipe.
@@ -179,27 +179,110 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from hyperloop_dist.cluster.sweep import plan_sweep
+
+    if bool(args.local) == bool(args.cluster):
+        raise ConfigError("hyperloop sweep: give --cluster PROFILE (a SLURM job array) or --local (this machine)")
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel={args.parallel}: run at least 1 point at a time")
+    recipe, overrides = _split_recipe(args.config)
+    out = Path(args.out)
+    points = plan_sweep(recipe, overrides, args.grid, args.kinds.split(","), out)  # every point checked first
+    fit = f"hyperloop scaling fit {args.out}/*/* --json {args.out}/fit.json --png {args.out}/fit.png"
+    if args.dry_run:
+        for p in points:
+            print(f"dry-run  {p.run_dir}")
+        print(f"{len(points)} points checked (dry run); fit with: {fit}")
+        return 0
+    if args.local:
+        return _sweep_local(points, out, args.parallel, fit)
     from hyperloop_dist.cluster.profile import load_profile
     from hyperloop_dist.cluster.sweep import submit_sweep
 
-    recipe, overrides = _split_recipe(args.config)
-    runs = submit_sweep(recipe, overrides, load_profile(args.cluster), args.grid, args.kinds.split(","),
-                        Path(args.out), dry_run=args.dry_run)
-    for run_dir, job_id in runs:
+    for run_dir, job_id in submit_sweep(points, load_profile(args.cluster), out):
         print(f"{job_id}  {run_dir}")
-    print(f"{len(runs)} points {'checked (dry run)' if args.dry_run else 'submitted as one job array'}; "
-          f"fit with: hyperloop scaling fit {args.out}/*/*")
+    print(f"{len(points)} points submitted as one job array; fit with: {fit}")
     return 0
+
+
+def _sweep_local(points: list, out: Path, parallel: int, fit: str) -> int:
+    from hyperloop_dist.cluster.sweep import run_local
+
+    print(f"running {len(points)} points on this machine, {parallel} at a time")
+    results = run_local(points, out, parallel)
+    rows = [("point", "status", "seconds")] + [
+        (" ".join(r.point.overrides), "ok" if r.status == 0 else f"exit {r.status} ({r.log})", f"{r.seconds:.0f}")
+        for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print(" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    failed = sum(r.status != 0 for r in results)
+    total = sum(r.seconds for r in results)
+    print(f"{len(results) - failed} of {len(results)} points trained ({total:.0f} s of training); fit with: {fit}")
+    return 1 if failed else 0
 
 
 def cmd_scaling_fit(args: argparse.Namespace) -> int:
-    from hyperloop_dist.cluster.scaling import fit_runs, format_fits, plot_fits
+    import json
 
-    points, fits = fit_runs(args.runs)
-    print(format_fits(points, fits))
+    from hyperloop_dist.cluster.scaling import collect_runs, fit_study, format_study
+
+    points, skipped = collect_runs(args.runs)
+    study = fit_study(points, args.law, args.bootstrap, args.starts, args.seed, skipped)
+    print(format_study(study))
+    if args.json:
+        Path(args.json).write_text(json.dumps(study.as_json(args.bootstrap, args.starts, args.seed), indent=1) + "\n")
+        print(f"fit written to {args.json}")
     if args.png:
-        print(f"plot written to {plot_fits(points, fits, args.png)}")
+        from hyperloop_dist.cluster.scaling_plot import plot_study
+
+        print(f"plot written to {plot_study(study, args.png)}")
     return 0
+
+
+def cmd_scaling_predict(args: argparse.Namespace) -> int:
+    from hyperloop_dist.cluster import scaling
+
+    points, skipped = scaling.collect_runs(args.runs)
+    if skipped:
+        print(f"skipped {len(skipped)} paths: " + "; ".join(skipped))
+    if args.holdout:
+        _, rows = scaling.holdout_largest(points, args.law, args.bootstrap, args.starts, args.seed)
+        print(scaling.format_holdout(rows))
+        return 0
+    kind, params, tokens = args.kind, args.params and scaling.parse_count(args.params), \
+        args.tokens and scaling.parse_count(args.tokens)
+    if args.config:
+        from hyperloop_dist.model.params import report
+
+        cfg = _load(args.config)
+        kind = kind or cfg.model.kind
+        if kind != cfg.model.kind:
+            cfg = _load([*args.config, f"model.kind={kind}"])
+        params = params or report(cfg.model).non_embedding
+        tokens = tokens or float(cfg.train.steps * cfg.train.micro_batch_size * cfg.train.grad_accum
+                                 * cfg.data_parallel_size * cfg.model.seq_length)
+    missing = [flag for flag, v in (("--kind", kind), ("--params", params), ("--tokens", tokens)) if not v]
+    if missing:
+        raise ConfigError(f"hyperloop scaling predict: give {', '.join(missing)} (or --config RECIPE for all "
+                          "three), or --holdout largest")
+    if kind not in scaling.kinds_of(points):
+        raise ConfigError(f"--kind {kind}: no runs of that kind (kinds: {', '.join(scaling.kinds_of(points))})")
+    study = scaling.fit_study(points, args.law, args.bootstrap, args.starts, args.seed)
+    loss, (lo, hi) = study.predict(kind, params, tokens)
+    print(f"{study.law} fit of {len(points)} runs; N {params:,.0f} non-embedding parameters, D {tokens:,.0f} tokens")
+    print(f"{kind}: predicted loss {loss:.4f} (90% CI {lo:.4f}–{hi:.4f})")
+    return 0
+
+
+def _scaling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="run directories (folders that are not runs are skipped and listed)")
+    p.add_argument("--law", default="joint", choices=("joint", "joint-own-alpha", "separate"),
+                   help="joint: kinds share E, B, beta and alpha, differ in A (default); joint-own-alpha: also "
+                        "their own alpha; separate: one fit per kind")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 90%% intervals (default 200)")
+    p.add_argument("--starts", type=int, default=4, help="starts per bootstrap refit (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,22 +375,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "group) and check shapes and parameter counts")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("sweep", help="submit a scaling grid (sizes x tokens x kinds) as one SLURM job array")
+    p = sub.add_parser("sweep", help="run a scaling grid (sizes x tokens x kinds): one SLURM job array "
+                                     "(--cluster) or local processes (--local)")
     p.add_argument("config", nargs="*", metavar="ARG", help=config_help)
-    p.add_argument("--cluster", required=True, metavar="PROFILE", help="cluster profile (as for submit)")
+    p.add_argument("--cluster", metavar="PROFILE", help="cluster profile (as for submit): submit a SLURM job array")
+    p.add_argument("--local", action="store_true", help="train the points on this machine, no scheduler")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="--local: points trained at once (default 1; each point starts its own "
+                        "parallel.nproc_per_node ranks)")
     p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
                    help="axes, e.g. model.hidden_size=256,512 train.steps=1000,2000")
     p.add_argument("--kinds", default="hyperloop,transformer", help="model kinds (default hyperloop,transformer)")
     p.add_argument("--out", default="runs/sweep", help="parent of the points' run directories")
-    p.add_argument("--dry-run", action="store_true", help="check every point's config; submit nothing")
+    p.add_argument("--dry-run", action="store_true", help="check every point's config; run nothing")
     p.set_defaults(func=cmd_sweep)
 
     scaling = sub.add_parser("scaling", help="scaling-law tools").add_subparsers(dest="scaling_command",
                                                                                 required=True)
-    p = scaling.add_parser("fit", help="fit L(N, D) = E + A N^-alpha + B D^-beta per kind from finished runs")
-    p.add_argument("runs", nargs="+", help="run directories")
-    p.add_argument("--png", help="also plot the runs and fits to this PNG")
+    p = scaling.add_parser("fit", help="fit L(N, D) = E + A N^-alpha + B D^-beta (Chinchilla Approach 3) with "
+                                       "bootstrap intervals and the equal-loss ratios to hyperloop")
+    _scaling_options(p)
+    p.add_argument("--json", help="write fits, ratios and runs to this JSON file")
+    p.add_argument("--png", help="also plot loss against N and against compute to this PNG")
     p.set_defaults(func=cmd_scaling_fit)
+    p = scaling.add_parser("predict", help="predicted loss (90%% CI) of a kind at N parameters and D tokens, or "
+                                           "--holdout largest: predict each kind's largest runs from the others")
+    _scaling_options(p)
+    p.add_argument("--kind", help="model kind to predict")
+    p.add_argument("--params", help="non-embedding parameters N (e.g. 25M), as `hyperloop params` counts them")
+    p.add_argument("--tokens", help="training tokens D (e.g. 32M)")
+    p.add_argument("--config", nargs="+", metavar="ARG",
+                   help="RECIPE.yaml [section.field=value ...]: N, D and the kind from a recipe (flags win)")
+    p.add_argument("--holdout", choices=("largest",), help="fit without each kind's largest size, predict it")
+    p.set_defaults(func=cmd_scaling_predict)
     return parser
 
 

@@ -114,7 +114,7 @@ def test_sweep_runs_a_job_array_through_submitit(slurm: LocalSlurm, tiny_data: l
     assert len(jobs) == 2, proc.stdout  # array elements: <id>_<index>
     for job in jobs:
         state = slurm.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
-        logs = "".join(p.read_text() for p in (out / "submitit").rglob("*.out"))
+        logs = "".join(p.read_text() for p in (out / ".sweep" / "submitit").rglob("*.out"))
         assert state == "COMPLETED", f"{job}: {state}\n{logs[-3000:]}"
     for steps in (2, 3):
         assert max(losses(out / "hyperloop" / f"steps={steps}")) == steps

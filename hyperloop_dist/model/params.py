@@ -51,17 +51,31 @@ def report(cfg: ModelConfig) -> ParamReport:
     if model.loop_embedding is not None:
         hc += model.loop_embedding.numel()  # counted with the HC overhead: it exists only for looping
     layer = sum(p.numel() for p in model.middle.layers[0].parameters() if p.dim() == 2)
-    head = cfg.vocab_size * cfg.hidden_size
     hc_proj = model.hc[0].proj.weight.numel() if len(model.hc) else 0
+    flops = train_flops_per_token(cfg, layer, hc_proj)
+    return ParamReport(cfg.kind, total, embedding, hc, cfg.unique_layers, cfg.effective_depth, flops,
+                       cfg.tie_embeddings)
+
+
+def train_flops_per_token(cfg: ModelConfig, layer_matmul_params: int, hc_proj_params: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward), every matmul a token goes through.
+
+    Forward, per token: 2 x (matmul weights used, loop repeats included: effective depth x one layer's
+    matmul weights + the LM head + one HC projection per HC application) + attention at the run's sequence
+    length (QK^T and AV, 2 x 2 x seq x hidden per layer, full square as FlopCounterMode counts it, not
+    halved for the causal mask) + the Sinkhorn H_res stream mix where there is one (2 n^2 d per HC
+    application). Backward is twice the forward (gradients of inputs and of weights). Element-wise work
+    (norms, gates, the diagonal H_res, softmax) and the embedding lookup are not counted; nor is a flash
+    kernel's recomputation of the scores in backward.
+    """
     # Every HC module runs once per token (mhc: two per layer), except shared hyperloop HCs, one per loop.
     hc_applications = cfg.loops if cfg.kind == "hyperloop" else num_hyper_connections(
         cfg.kind, cfg.loops, cfg.effective_depth, cfg.hc.per_loop_params)
-    # Matmul parameters touched per token, loop repeats included (the embedding is a lookup).
-    matmul = cfg.effective_depth * layer + head + hc_applications * hc_proj
-    attention = 2 * 2 * cfg.effective_depth * cfg.seq_length * cfg.hidden_size  # QK^T and AV, forward
-    flops = 3 * (2 * matmul + attention)  # forward + backward (2x forward)
-    return ParamReport(cfg.kind, total, embedding, hc, cfg.unique_layers, cfg.effective_depth, flops,
-                       cfg.tie_embeddings)
+    matmul = cfg.effective_depth * layer_matmul_params + cfg.vocab_size * cfg.hidden_size \
+        + hc_applications * hc_proj_params
+    attention = 2 * 2 * cfg.effective_depth * cfg.seq_length * cfg.hidden_size
+    mix = hc_applications * 2 * cfg.hc.streams**2 * cfg.hidden_size if cfg.hc.res_for(cfg.kind) == "sinkhorn" else 0
+    return 3 * (2 * matmul + attention + mix)
 
 
 def compare_kinds(cfg: ModelConfig) -> list[ParamReport]:
