@@ -95,7 +95,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = load_release(out)
     n_params = sum(p.numel() for p in model.parameters())
     size = (out / "model.safetensors").stat().st_size
-    print(f"release written to {out}: {model.cfg.kind}, {n_params:,} parameters, model.safetensors {size / 1e6:.1f} MB")
+    print(f"release written to {out}: {model.cfg.kind}, {n_params:,} parameters, model.safetensors {size / 1e6:.1f} MB "
+          "(self-contained: AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True); README.md)")
     return 0
 
 
@@ -133,7 +134,7 @@ def _export_int4(settings: list[str], source: str, out: str, fmt: str | None) ->
         settings = [*settings, f"export.format={fmt}"]
     report = export_int4(source, out, settings)
     print(f"INT4 release written to {report.out} (compressed-tensors pack-quantized, loads with "
-          f"AutoModelForCausalLM.from_pretrained after `import hyperloop_dist.export.hf_model`)")
+          f"AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True); README.md)")
     print(report.table())
     return 0
 

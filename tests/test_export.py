@@ -26,6 +26,7 @@ from hyperloop_dist.export.quantize_release import (
 )
 from hyperloop_dist.model.reference import ReferenceModel
 
+from .conftest import FIXTURE_CORPUS
 from .helpers import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("megatron_world")]
@@ -180,6 +181,9 @@ def test_cli_exports_int4_from_a_run_directory(run: Path, tiny_data: list[str], 
     info = json.loads((out / "config.json").read_text())
     assert info["model_type"] == "hyperloop" and info["quantization_config"]["format"] == "pack-quantized"
     assert info["int4"]["method"] == "gptq" and (out / "tokenizer.model").is_file() and (out / "model.gguf").is_file()
+    card = (out / "README.md").read_text()  # the model card: both losses and the gap
+    gap = info["int4"]["heldout_loss"] - info["int4"]["bf16_heldout_loss"]
+    assert f"(gap {gap:+.4f})" in card and "training steps / tokens | 200 /" in card and (out / "tokenizer.json").is_file()
     again = subprocess.run([*cmd[:-2], str(out), str(tmp_path / "again")], capture_output=True, text=True)
     assert again.returncode == 2 and "already an INT4 release" in again.stderr
 
@@ -193,15 +197,15 @@ def test_cli_exports_int4_from_a_run_directory(run: Path, tiny_data: list[str], 
     assert json.loads(results.read_text())["heldout_loss"] == pytest.approx(info["int4"]["heldout_loss"], abs=1e-4)
 
 
-def test_release_loads_through_transformers_with_reference_logits(run: Path, cfg, tmp_path: Path) -> None:
+def test_release_loads_through_transformers_with_reference_logits(release: Path, cfg) -> None:
     """`hyperloop export --release` (unchanged format, reference names) is also a transformers checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    from hyperloop_dist.export.release import export_release, load_release
+    from hyperloop_dist.export.release import load_release
 
-    out = export_release(run, tmp_path / "release")
-    reference = load_release(out)
-    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    reference = load_release(release)
+    hf = AutoModelForCausalLM.from_pretrained(str(release), dtype=torch.float32)
+    assert type(hf).__module__ == "hyperloop_dist.export.hf_model"  # registered class wins without trust_remote_code
     assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in reference.parameters())
     tokens = heldout_windows(cfg, 2)[:, :-1]
     with torch.no_grad():
@@ -221,3 +225,98 @@ def test_embedding_and_untied_head_quantize_when_asked(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(load_int4_release(out)(tokens),
                                    int4.apply_fake_quantized(copy.deepcopy(model), quantized)(tokens), atol=1e-5, rtol=0)
+
+
+# Run with hyperloop_dist (and the training stack) unimportable: what a downstream team has.
+STANDALONE = r"""
+import sys
+for name in ("hyperloop_dist", "data_pipeline", "megatron", "deepspeed", "lm_eval"):
+    sys.modules[name] = None  # `import name` now raises ImportError
+import json
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+torch.set_num_threads(1)
+release, int4, job, out = sys.argv[1:5]
+job = json.loads(open(job).read())
+tokens, prompt = torch.tensor(job["tokens"]), torch.tensor(job["prompt"])
+result = {}
+
+def greedy(model, use_cache):
+    return model.generate(prompt, max_new_tokens=10, do_sample=False, use_cache=use_cache, pad_token_id=0)
+
+with torch.no_grad():
+    model = AutoModelForCausalLM.from_pretrained(release, trust_remote_code=True, dtype=torch.float32)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    result["logits"] = model(input_ids=tokens).logits
+    result["cached"], result["uncached"] = greedy(model, True), greedy(model, False)
+    model.config.num_loops_inference = 1
+    result["logits_1_loop"] = model(input_ids=tokens).logits
+    tokenizer = AutoTokenizer.from_pretrained(release)
+    result["ids"] = [tokenizer(text)["input_ids"] for text in job["texts"]]
+    result["decoded"] = [tokenizer.decode(ids) for ids in result["ids"]]
+    q = AutoModelForCausalLM.from_pretrained(int4, trust_remote_code=True, dtype=torch.bfloat16)
+    q(tokens[:1])  # compressed-tensors decompresses on the first forward
+    result["int4_logits"] = q(input_ids=tokens).logits
+    result["int4_cached"], result["int4_uncached"] = greedy(q, True), greedy(q, False)
+torch.save(result, out)
+"""
+ALLOWED_IMPORTS = {"torch", "transformers", "safetensors", "__future__"}
+
+
+@pytest.fixture(scope="module")
+def release(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hyperloop_dist.export.release import export_release
+
+    return export_release(run, tmp_path_factory.mktemp("release") / "release")
+
+
+def test_releases_load_and_generate_with_transformers_alone(release: Path, cfg, gptq_release, tmp_path: Path) -> None:
+    """The fp32 and INT4 releases, in a process where hyperloop_dist cannot be imported, with
+    trust_remote_code: reference logits, today's INT4 logits, cached == uncached greedy tokens, the ids of
+    our sentencepiece tokenizer."""
+    import ast
+
+    import sentencepiece as spm
+    from transformers import AutoModelForCausalLM
+
+    from hyperloop_dist.evaluation.loops import loop_logits, reference_parts
+    from hyperloop_dist.export.release import load_release
+    from hyperloop_dist.export.remote_code import AUTO_MAP, CONFIG_FILE, MODELING_FILE
+
+    int4_dir = gptq_release[0]
+    for path in (release, int4_dir):
+        assert json.loads((path / "config.json").read_text())["auto_map"] == AUTO_MAP
+        for name in (CONFIG_FILE, MODELING_FILE):
+            imported = {(n.module or "").split(".")[0] if isinstance(n, ast.ImportFrom) else a.name.split(".")[0]
+                        for n in ast.walk(ast.parse((path / name).read_text())) if isinstance(n, ast.Import | ast.ImportFrom)
+                        if not (isinstance(n, ast.ImportFrom) and n.level) for a in n.names}
+            assert imported - sys.stdlib_module_names <= ALLOWED_IMPORTS, (name, imported)
+    sp = spm.SentencePieceProcessor(model_file=str(release / "tokenizer.model"))
+    texts = ["To be, or not to be: that is the question.", "  two  spaces\n\tand 1234 digits", " Ünïcödé ☃ 🤖 ",
+             (FIXTURE_CORPUS / "tempest_gut.txt").read_text()[:4000]]
+    tokens = heldout_windows(cfg, 2)[:, :-1]
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"tokens": tokens.tolist(), "prompt": tokens[:, :8].tolist(), "texts": texts}))
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", STANDALONE, str(release), str(int4_dir), str(job), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    got = torch.load(tmp_path / "out.pt")
+
+    reference = load_release(release)
+    with torch.no_grad():
+        torch.testing.assert_close(got["logits"], reference(tokens), atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["logits_1_loop"], loop_logits(reference_parts(reference), 1)(tokens),
+                                   atol=1e-5, rtol=0)
+        today = AutoModelForCausalLM.from_pretrained(str(int4_dir), dtype=torch.bfloat16)  # the in-package class
+        today(tokens[:1])
+        assert torch.equal(got["int4_logits"], today(input_ids=tokens).logits)
+    assert torch.equal(got["cached"], got["uncached"]) and torch.equal(got["int4_cached"], got["int4_uncached"])
+    assert got["ids"] == [sp.encode(t) for t in texts] and got["decoded"] == texts
+
+    card = (release / "README.md").read_text()
+    info = json.loads((release / "config.json").read_text())
+    assert f"{info['training']['heldout_loss']:.4f}" in card and "trust_remote_code=True" in card
+    assert f"{sum(p.numel() for p in reference.parameters()):,}" in card
+    assert info["training"]["tokens"] == 200 * 16 * cfg.model.seq_length

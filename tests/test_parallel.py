@@ -93,7 +93,9 @@ def test_release_consolidates_a_model_parallel_checkpoint(runs: dict, tmp_path: 
     out = tmp_path / "release"
     subprocess.run([sys.executable, "-m", "hyperloop_dist.cli", "export", "--release",
                     str(runs["hyperloop", layout]), str(out)], check=True, capture_output=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "configuration_hyperloop.py", "model.safetensors", "modeling_hyperloop.py",
+        "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     model = load_release(out)
     trained = weights(runs["hyperloop", layout], STEPS)
     # middle block stored once: the release has exactly the looped model's unique layers

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from hyperloop_dist.config import ExportConfig
 from hyperloop_dist.export.hf_model import hf_config
 from hyperloop_dist.export.int4 import STORAGE_DTYPE, QuantizedWeights, quantization_config
+from hyperloop_dist.export.model_card import finish_int4_release
 from hyperloop_dist.export.release import RELEASE_FORMAT, new_release_dir
 from hyperloop_dist.model.reference import ReferenceModel
 
@@ -49,17 +50,20 @@ def compressed_state_dict(model: ReferenceModel, quantized: QuantizedWeights,
 
 
 def write_int4_release(model: ReferenceModel, quantized: QuantizedWeights, export: ExportConfig, out: str | Path,
-                       tokenizer: str | Path | None = None, extra: dict | None = None) -> Path:
+                       tokenizer: str | Path | None = None, extra: dict | None = None,
+                       training: dict | None = None) -> Path:
     """Write the INT4 release directory ``out`` (refused when it exists and is not empty)."""
     tensors, work = compressed_state_dict(model, quantized, export)
     with new_release_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         info = {**hf_config(model.cfg).to_dict(), "format": RELEASE_FORMAT, "model": dataclasses.asdict(model.cfg),
-                "int4": {"method": quantized.method, "group_size": quantized.group_size, **(extra or {})}}
+                "int4": {"method": quantized.method, "group_size": quantized.group_size, **(extra or {})},
+                **({"training": training} if training else {})}
         (tmp / "config.json").write_text(json.dumps(info, indent=1))
         ModelCompressor.from_pretrained_model(work, "pack-quantized").update_config(str(tmp))
         if tokenizer is not None and Path(tokenizer).is_file():
             shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        finish_int4_release(tmp)  # model code, tokenizer.json, README.md
     return Path(out)
 
 

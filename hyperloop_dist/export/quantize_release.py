@@ -30,6 +30,7 @@ from hyperloop_dist.export.int4 import (
     storage_rounded,
     target_modules,
 )
+from hyperloop_dist.export.model_card import training_facts
 from hyperloop_dist.export.release import checkpoint_model, load_release, release_config
 from hyperloop_dist.model.reference import ReferenceModel
 
@@ -138,7 +139,7 @@ def export_int4(source: str | Path, out: str | Path, overrides: list[str] | None
     write_int4_release(model, quantized, e, out, tokenizer,
                        extra={"heldout_loss": int4_loss, "bf16_heldout_loss": bf16_loss,
                               "heldout_tokens": windows[:, 1:].numel(), "bf16_weights_bytes": bf16_weights_bytes(model),
-                              "export": dataclasses.asdict(e)})
+                              "export": dataclasses.asdict(e)}, training=training_facts(source))
     if e.format == "gguf":
         from hyperloop_dist.export.gguf_container import GGUF_FILE, write_gguf
 

@@ -85,6 +85,9 @@ def export_release(source: str | Path, out: str | Path) -> Path:
              "source_checkpoint": str(checkpoint.resolve())}, indent=1))
         if (checkpoint / "tokenizer.model").is_file():
             shutil.copyfile(checkpoint / "tokenizer.model", tmp / "tokenizer.model")
+        from hyperloop_dist.export.model_card import finish_release  # model code, tokenizer.json, README.md
+
+        finish_release(tmp, checkpoint, model)
         load_release(tmp)  # never publish a release that does not load
     return Path(out)
 
