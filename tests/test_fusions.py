@@ -144,3 +144,28 @@ def test_fused_adamw_refuses_an_optimizer_that_has_stepped() -> None:
     opt.step()
     with pytest.raises(RuntimeError, match="already stepped"):
         use_fused_adamw(opt)
+
+
+def _rms_norm_ops(device: str) -> set[str]:
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from hyperloop_dist.model.hyperloop import transformer_config
+
+    cfg = load_config(None, TINY_MODEL).model
+    norm = WrappedTorchNorm(config=transformer_config(cfg), hidden_size=cfg.hidden_size, eps=cfg.norm_eps).to(device)
+    x = torch.randn(8, 2, cfg.hidden_size, device=device, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        norm(x).sum().backward()
+    return {e.name for e in prof.events()}
+
+
+def test_megatrons_torch_rmsnorm_is_torchs_fused_op() -> None:
+    """No switch for RMSNorm: the local spec's norm is torch.nn.RMSNorm, which runs aten::_fused_rms_norm
+    (a fused CUDA kernel on GPU; composed of plain ops on CPU)."""
+    assert "aten::_fused_rms_norm" in _rms_norm_ops("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused RMSNorm kernels are CUDA's")
+def test_rmsnorm_runs_fused_kernels_on_gpu() -> None:
+    ops = _rms_norm_ops("cuda")
+    assert "aten::_fused_rms_norm" in ops and "aten::_fused_rms_norm_backward" in ops, sorted(ops)

@@ -60,7 +60,8 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, precision: str = "fp32",
         # train.fusions=[swiglu]: SwiGLU as Megatron's fused autograd function, whose pieces are wrapped in
         # its jit_fuser (torch.compile; a plain call on CPU, see hyperloop_dist/__init__.py).
         bias_activation_fusion="swiglu" in fusions,
-        # These need Apex / TE kernels (the TE spec brings its own on GPU).
+        # Off: bias-dropout fusion has nothing to fuse here (no biases, no dropout); the other four need Apex
+        # or Transformer Engine kernels (the TE spec brings its own on GPU).
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
