@@ -44,14 +44,26 @@ def _train(fusions: tuple[str, ...] = (), steps: int = 3, extra: tuple[str, ...]
                              "logging.wandb_mode=disabled", f"train.fusions=[{','.join(fusions)}]", *extra])
     torch.manual_seed(0)
     engine = MegatronEngine(cfg, RankInfo(0, 1, 0, 0, 1))
-    if "adamw" in fusions:
-        assert all(g["fused"] for opt in torch_optimizers(engine.optimizer) for g in opt.param_groups)
+    _assert_in_place(fusions, engine)
     data = _Batches(cfg.model.vocab_size, cfg.model.seq_length)
     losses = []
     for step in range(1, steps + 1):
         losses.append(engine.step([data.next(step, 0)], step, None).loss)
         engine.scheduler.step(1)
     return losses, {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+
+
+def _assert_in_place(fusions: tuple[str, ...], engine: object) -> None:
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.optimizer import clip_grads
+
+    from hyperloop_dist import fusions as fu
+
+    assert all(bool(g.get("fused")) == ("adamw" in fusions) for opt in torch_optimizers(engine.optimizer)
+               for g in opt.param_groups)
+    assert (clip_grads.l2_norm_impl is fu._foreach_l2_norm) == ("grad_norm" in fusions)
+    assert (rope_utils._apply_rotary_pos_emb_bshd is fu._rope_bshd_cached) == ("rope" in fusions)
+    assert engine.model.config.bias_activation_fusion == ("swiglu" in fusions)
 
 
 @functools.cache
