@@ -72,7 +72,7 @@ class ModelConfig:
     # sdpa (torch scaled_dot_product_attention) on other GPUs, local (Megatron's unfused one) on CPU.
     attention_backend: str = "auto"
     # torch.compile: none; hc = each hyper-connection as one compiled pure function (one graph for every
-    # loop); blocks = also each Transformer layer's attention and MLP branches (GPU only).
+    # loop); blocks = also each Transformer layer's norms, core attention and MLP.
     compile: str = "none"
     hc: HCConfig = field(default_factory=HCConfig)
 

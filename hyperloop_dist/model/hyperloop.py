@@ -318,11 +318,9 @@ def build_model(cfg: ModelConfig, tp: int = 1, stage: Stage = Stage(), precision
 
 def compile_layer_parts(model: HyperloopModel) -> None:
     """``model.compile=blocks``: each layer's norms, core attention and MLP compiled in place (state-dict
-    names unchanged). Never the whole ``TransformerLayer``: its RNG tracker, NVTX ranges and ``main_grad``
-    hooks break graphs. GPU only: on CPU Megatron's kernels are imported uncompiled (hyperloop_dist/__init__.py).
+    names unchanged; layers of one shape share the graphs). Never the whole ``TransformerLayer``: its RNG
+    tracker, NVTX ranges and ``main_grad`` hooks break graphs.
     """
-    if not cpu_shim.cuda_available():
-        raise ValueError("model.compile='blocks' needs a GPU; on CPU use model.compile=hc or none")
     for blk in model.blocks():
         for layer in blk.layers:
             for part in (layer.input_layernorm, layer.self_attention.core_attention, layer.pre_mlp_layernorm,
