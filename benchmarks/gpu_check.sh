@@ -75,7 +75,7 @@ piece hc_overhead 50 "$PY" benchmarks/hc_overhead.py "$RECIPE" --device cuda --s
     --json "$JSON" "${SHAPE[@]}" train.grad_accum=1 model.compile=hc
 piece step_overhead 40 "$PY" benchmarks/step_overhead.py "$RECIPE" --device cuda --worlds 1 --kinds hyperloop \
     --steps 4 --warmup 2 --json "$JSON" "${SHAPE[@]}" train.grad_accum=1
-piece gpu_tests 80 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_compile.py tests/test_fusions.py
+piece gpu_tests 80 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fusions.py tests/test_compile.py
 
 "$PY" - "$JSON" <<'EOF' 2>&1 | tee "$TABLE" | tee -a "$LOG" || true
 import json, sys
