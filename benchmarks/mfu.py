@@ -221,20 +221,22 @@ def main() -> None:
           f"warm-up; micro-batch {rows[0][1]['micro_batch']} x grad_accum {rows[0][1]['grad_accum']}")
     print("MFU full: attention over the whole s x s square; MFU causal: attention term halved (Megatron's)")
     paper = PAPER_TOKENS_PER_S.get(recipe_name)
-    header = f"{'kind/backend':<24}{'params':>10}{'ms/step':>10}{'tok/s':>12}{'TFLOP/s':>10}{'MFU full':>10}" \
+    width = max(24, *(len(label) + 2 for label, _ in rows))
+    last = len(rows[0][0]) + 10
+    header = f"{'kind/backend':<{width}}{'params':>10}{'ms/step':>10}{'tok/s':>12}{'TFLOP/s':>10}{'MFU full':>10}" \
              f"{'MFU causal':>12}{'peak GiB':>10}{'fwd':>6}{'bwd':>6}{'opt':>6}{'HC fwd':>7}" \
-             f"{'vs paper':>10}{'step vs ' + rows[0][0]:>30}"
+             f"{'vs paper':>10}{'step vs ' + rows[0][0]:>{last}}"
     print(header)
     print("-" * len(header))
     for label, r in rows:
         mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "-"
         mfu_causal = f"{100 * r['tflops_causal'] / peak:.1f}%" if peak else "-"
-        print(f"{label:<24}{r['params'] / 1e6:>9.1f}M{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
+        print(f"{label:<{width}}{r['params'] / 1e6:>9.1f}M{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
               f"{r['tflops']:>10.2f}{mfu:>10}{mfu_causal:>12}{r['peak_gib']:>10.1f}"
               + "".join(f"{100 * r[k + '_share']:>{w}.0f}%" for k, w in
                         (("forward", 5), ("backward", 5), ("optimizer", 5), ("hc_fwd", 6)))
               + (f"{r['tokens_per_s'] / paper[1]:>9.2f}x" if paper else f"{'-':>10}")
-              + f"{r['step_s'] / base:>29.2f}x")
+              + f"{r['step_s'] / base:>{last - 1}.2f}x")
     print("fwd / bwd / opt / HC fwd: shares of one device-synchronized step (HC fwd is inside fwd)")
     if paper:
         print(f"paper: {paper[0]}: {paper[1]:,.0f} tok/s per GPU ('vs paper' = our tok/s per GPU / this)")
