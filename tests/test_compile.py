@@ -19,13 +19,15 @@ CFG = ModelConfig(hidden_size=32, num_heads=4, vocab_size=96, seq_length=16, beg
 
 def _loss_and_grads(compile_mode: str, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     from hyperloop_dist.model.hyperloop import build_model
+    from hyperloop_dist.parallel import cpu_shim
 
     model = build_model(dataclasses.replace(CFG, compile=compile_mode))
+    device = cpu_shim.device()
     perturb_identity_params(model)
     losses = []
     for step in range(steps):
         model.zero_grad()
-        loss = model(tokens(CFG, seed=step), labels=tokens(CFG, seed=step + 10)).mean()
+        loss = model(tokens(CFG, seed=step).to(device), labels=tokens(CFG, seed=step + 10).to(device)).mean()
         loss.backward()
         losses.append(loss.item())
     return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
