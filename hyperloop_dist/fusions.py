@@ -1,4 +1,9 @@
-"""Torch-only fusions that megatron-core 0.16 allows without Apex or Transformer Engine.
+"""Torch-only fusions that megatron-core 0.16 allows without Apex or Transformer Engine (``train.fusions``).
+
+``adamw``: :func:`use_fused_adamw`; ``grad_norm``: :func:`use_foreach_grad_norm`; ``rope``:
+:func:`use_rope_tables`; ``swiglu`` is a TransformerConfig flag (``model/hyperloop.py``). Each is the same
+training as without it (tests/test_fusions.py); the patches of Megatron's modules are process-wide and set
+by :func:`apply_process_fusions` when the engine is built.
 
 Without either, ``megatron.core.optimizer`` builds ``torch.optim.AdamW`` with ``fused`` left unset, so torch
 picks its multi-tensor ``foreach`` path: several kernels per parameter group and step. torch's fused AdamW
