@@ -63,14 +63,19 @@ fi
     | tee -a "$LOG" || true
 
 # Ordered by what the issue needs most, so a slow piece costs the least important figures.
-piece sdpa_kernels 30 "$PY" benchmarks/sdpa_kernels.py --device cuda --batch 4 --heads 16 --seq 2048 --head-dim 128
-piece mfu 180 "$PY" benchmarks/mfu.py "$RECIPE" --device cuda --kinds hyperloop transformer \
-    --backends sdpa sdpa+fused local --steps 4 --warmup 2 --json "$JSON" "${SHAPE[@]}"
-piece hc_overhead 75 "$PY" benchmarks/hc_overhead.py "$RECIPE" --device cuda --steps 4 --warmup 2 \
-    --json "$JSON" "${SHAPE[@]}" train.grad_accum=1
-piece step_overhead 75 "$PY" benchmarks/step_overhead.py "$RECIPE" --device cuda --worlds 1 --kinds hyperloop \
+# mfu rows: attention backend, then +hc / +blocks (model.compile) and +fused (every train.fusions switch).
+piece sdpa_kernels 20 "$PY" benchmarks/sdpa_kernels.py --device cuda --batch 4 --heads 16 --seq 2048 --head-dim 128
+piece mfu 140 "$PY" benchmarks/mfu.py "$RECIPE" --device cuda --kinds hyperloop transformer \
+    --backends sdpa sdpa+fused local --steps 3 --warmup 2 --json "$JSON" "${SHAPE[@]}"
+piece mfu_hc 60 "$PY" benchmarks/mfu.py "$RECIPE" --device cuda --kinds hyperloop \
+    --backends sdpa+hc+fused --steps 3 --warmup 2 --json "$JSON" "${SHAPE[@]}"
+piece mfu_blocks 90 "$PY" benchmarks/mfu.py "$RECIPE" --device cuda --kinds hyperloop transformer \
+    --backends sdpa+blocks+fused --steps 3 --warmup 2 --json "$JSON" "${SHAPE[@]}"
+piece hc_overhead 50 "$PY" benchmarks/hc_overhead.py "$RECIPE" --device cuda --steps 4 --warmup 2 \
+    --json "$JSON" "${SHAPE[@]}" train.grad_accum=1 model.compile=hc
+piece step_overhead 40 "$PY" benchmarks/step_overhead.py "$RECIPE" --device cuda --worlds 1 --kinds hyperloop \
     --steps 4 --warmup 2 --json "$JSON" "${SHAPE[@]}" train.grad_accum=1
-piece gpu_tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+piece gpu_tests 80 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fusions.py tests/test_compile.py
 
 "$PY" - "$JSON" <<'EOF' 2>&1 | tee "$TABLE" | tee -a "$LOG" || true
 import json, sys
@@ -84,14 +89,17 @@ if mfu:
           f"MFU vs {r0['peak_tflops']} TFLOP/s dense bf16")
     print("MFU full = train FLOPs/token (6N + 12*L*s*d attention, whole s x s square) x tok/s / peak; "
           "MFU causal = same with the attention term halved")
-    print(f"{'kind/backend':<24}{'params':>9}{'ms/step':>9}{'tok/s':>9}{'MFU full':>9}{'MFU causal':>11}"
-          f"{'peak GiB':>9}{'loss':>8}")
+    print(f"{'kind/backend':<28}{'params':>9}{'ms/step':>9}{'tok/s':>9}{'MFU full':>9}{'MFU causal':>11}"
+          f"{'peak GiB':>9}{'loss':>8}{'fwd':>5}{'bwd':>5}{'opt':>5}{'HCfwd':>6}{'vs paper':>9}")
     for r in mfu:
         peak = r["peak_tflops"] or float("nan")
-        print(f"{r['row']:<24}{r['params'] / 1e6:>8.1f}M{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>9,.0f}"
+        shares = "".join(f"{100 * r.get(k + '_share', float('nan')):>{w}.0f}%"
+                         for k, w in (("forward", 4), ("backward", 4), ("optimizer", 4), ("hc_fwd", 5)))
+        print(f"{r['row']:<28}{r['params'] / 1e6:>8.1f}M{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>9,.0f}"
               f"{100 * r['tflops'] / peak:>8.1f}%{100 * r['tflops_causal'] / peak:>10.1f}%"
-              f"{r['peak_gib']:>9.1f}{r['loss']:>8.4f}")
-    print("paper: Hyperloop 579M, Table 1: 44,250 tok/s per H100")
+              f"{r['peak_gib']:>9.1f}{r['loss']:>8.4f}{shares}{r['tokens_per_s'] / 44250:>8.2f}x")
+    print("fwd/bwd/opt/HCfwd: shares of one device-synchronized step (mfu.py); "
+          "paper: Hyperloop 579M, Table 1: 44,250 tok/s per H100 ('vs paper')")
 for r in rows:
     if r.get("bench") == "hc_overhead":
         print(f"HC overhead (grad_accum 1): looped {r['looped_s'] * 1e3:.1f} ms, hyperloop "

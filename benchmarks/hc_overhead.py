@@ -22,7 +22,6 @@ def hc_breakdown(recipe: str | None, overrides: list[str], reps: int) -> dict[st
     """Seconds for one HC read+write and one middle-block pass (forward + backward) at the step's shapes."""
     from hyperloop_dist.config import load_config
     from hyperloop_dist.export.release import single_process_world
-    from hyperloop_dist.model.hyper_connections import HyperConnection
     from hyperloop_dist.model.hyperloop import build_model
     from hyperloop_dist.parallel import cpu_shim
 
@@ -40,7 +39,7 @@ def hc_breakdown(recipe: str | None, overrides: list[str], reps: int) -> dict[st
 
         def hc_step() -> None:
             x, h_post, h_res = hc.read(streams)
-            HyperConnection.write(streams, x * 1.5, h_post, h_res).float().sum().backward()
+            hc.write_back(streams, x * 1.5, h_post, h_res).float().sum().backward()
 
         def middle_step() -> None:
             model.run_middle(x_mid).float().sum().backward()

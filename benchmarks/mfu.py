@@ -8,13 +8,20 @@ printed.
 
 Two MFU figures: "full" counts the attention score and value products over the whole s x s square (the
 FLOPs of `hyperloop params`), "causal" halves that attention term as Megatron's own MFU formula does (a
-causal kernel skips the masked half). ``--backends`` runs each kind once per ``model.attention_backend``; a
-``+fused`` suffix also switches Megatron's torch AdamW to ``fused=True`` (hyperloop_dist/fusions.py).
+causal kernel skips the masked half). ``--backends`` runs each kind once per variant: a
+``model.attention_backend`` value, then optional ``+`` suffixes: ``hc`` or ``blocks`` (``model.compile``),
+``fused`` (every ``train.fusions`` switch) or one fusion's name (``adamw``, ``grad_norm``, ``rope``, ``swiglu``).
+
+After the timed steps one more step runs with the device synchronized around its parts, for the step
+breakdown: forward (all micro-batches), backward (with the gradient reduction), optimizer (norm, clip,
+update) and, inside the forward, the hyper-connections' read and write ("HC fwd"; their backward is in
+``backward``: benchmarks/hc_overhead.py measures the HC's full share). The synchronizations make this step
+slower than the timed ones, so the parts are given as shares of it.
 
     python benchmarks/mfu.py                                   # tiny-cpu on CPU, fp32
     python benchmarks/mfu.py recipes/hyperloop-991m.yaml --device cuda --kinds hyperloop transformer
     python benchmarks/mfu.py recipes/hyperloop-579m.yaml --device cuda --kinds hyperloop transformer \
-        --backends local sdpa sdpa+fused
+        --backends local sdpa sdpa+fused sdpa+hc+fused
 """
 
 from __future__ import annotations
@@ -60,8 +67,63 @@ class SyntheticBatches:
         return self.batch
 
 
-def measure(recipe: str | None, overrides: list[str], steps: int, warmup: int,
-            fused_adamw: bool = False) -> dict[str, float]:
+def variant_overrides(variant: str) -> list[str]:
+    """``sdpa+hc+fused`` -> the recipe overrides of that row (see the module docstring)."""
+    from hyperloop_dist.config import COMPILE_MODES, FUSIONS
+
+    backend, *suffixes = variant.split("+")
+    out = [f"model.attention_backend={backend}"] if backend else []
+    fusions: list[str] = []
+    for suffix in suffixes:
+        if suffix in COMPILE_MODES:
+            out.append(f"model.compile={suffix}")
+        elif suffix == "fused":
+            fusions = list(FUSIONS)
+        elif suffix in FUSIONS:
+            fusions.append(suffix)
+        else:
+            raise SystemExit(f"--backends {variant}: unknown suffix {suffix!r}; use one of "
+                             f"{', '.join((*COMPILE_MODES, 'fused', *FUSIONS))}")
+    return out + ([f"train.fusions=[{','.join(fusions)}]"] if fusions else [])
+
+
+def step_breakdown(engine: object, batches: list, step: int) -> dict[str, float]:
+    """Seconds of one step spent in forward, backward, optimizer and the HC's forward (device synced)."""
+    from hyperloop_dist.model.hyper_connections import HyperConnection
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    spent = {"forward": 0.0, "optimizer": 0.0, "hc_fwd": 0.0}
+
+    def timed(key: str, fn: Callable) -> Callable:
+        def wrapper(*args: object, **kwargs: object) -> object:
+            sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                spent[key] += time.perf_counter() - start
+        return wrapper
+
+    hc_methods = {name: getattr(HyperConnection, name) for name in ("read", "write_back")}
+    engine.ddp.forward = timed("forward", engine.ddp.forward)
+    engine.optimizer.step = timed("optimizer", engine.optimizer.step)
+    for name, fn in hc_methods.items():
+        setattr(HyperConnection, name, timed("hc_fwd", fn))
+    try:
+        sync()
+        start = time.perf_counter()
+        engine.step(batches, step, None)
+        sync()
+        total = time.perf_counter() - start
+    finally:
+        del engine.ddp.forward, engine.optimizer.step
+        for name, fn in hc_methods.items():
+            setattr(HyperConnection, name, fn)
+    return {"total": total, "backward": total - spent["forward"] - spent["optimizer"], **spent}
+
+
+def measure(recipe: str | None, overrides: list[str], steps: int, warmup: int) -> dict[str, float]:
     from hyperloop_dist.config import load_config
     from hyperloop_dist.model.params import report
     from hyperloop_dist.parallel import cpu_shim
@@ -74,10 +136,6 @@ def measure(recipe: str | None, overrides: list[str], steps: int, warmup: int,
     engine = None
     try:
         engine = MegatronEngine(cfg, info)
-        if fused_adamw:
-            from hyperloop_dist.fusions import use_fused_adamw
-
-            use_fused_adamw(engine.optimizer)
         data = SyntheticBatches(cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size)
         if cpu_shim.cuda_available():
             torch.cuda.reset_peak_memory_stats()
@@ -88,6 +146,7 @@ def measure(recipe: str | None, overrides: list[str], steps: int, warmup: int,
 
         dt = seconds_per_call(one_step, steps, warmup)
         loss = losses[-1]
+        parts = step_breakdown(engine, [data.next(0, m) for m in range(cfg.train.grad_accum)], warmup + steps + 1)
         tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_length
         rep = report(cfg.model)
         m = cfg.model
@@ -98,7 +157,8 @@ def measure(recipe: str | None, overrides: list[str], steps: int, warmup: int,
         return {"params": rep.total, "step_s": dt, "tokens_per_s": tokens / dt,
                 "tflops": rep.train_flops_per_token * tokens / dt / 1e12,
                 "tflops_causal": causal_flops * tokens / dt / 1e12, "peak_gib": peak_mem, "loss": loss,
-                "micro_batch": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum}
+                "micro_batch": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
+                **{f"{k}_share": v / parts["total"] for k, v in parts.items() if k != "total"}}
     finally:
         del engine
         shutdown_distributed()
@@ -135,15 +195,13 @@ def main() -> None:
     port = 29611
     for kind in args.kinds:
         for variant in args.backends:
-            backend, _, fused = (variant or "").partition("+")
             label = f"{kind}/{variant}" if variant else kind
-            extra = [f"model.attention_backend={backend}"] if backend else []
+            extra = variant_overrides(variant or "")
             os.environ["MASTER_PORT"] = str(port)
             port += 1
             try:
                 r = measure(args.recipe, [*precision, *args.overrides, *extra, f"model.kind={kind}",
-                                          "logging.wandb_mode=disabled"], args.steps, args.warmup,
-                            fused_adamw=fused == "fused")
+                                          "logging.wandb_mode=disabled"], args.steps, args.warmup)
             except Exception as exc:  # one failing row (out of memory, a kernel missing) must not lose the rest
                 print(f"[{label}] FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 if args.device == "cuda":
@@ -162,18 +220,26 @@ def main() -> None:
     print(f"\nrecipe {args.recipe or 'tiny-cpu'} on {device_name}; {args.steps} timed steps after {args.warmup} "
           f"warm-up; micro-batch {rows[0][1]['micro_batch']} x grad_accum {rows[0][1]['grad_accum']}")
     print("MFU full: attention over the whole s x s square; MFU causal: attention term halved (Megatron's)")
-    header = f"{'kind/backend':<24}{'params':>10}{'ms/step':>10}{'tok/s':>12}{'TFLOP/s':>10}{'MFU full':>10}" \
-             f"{'MFU causal':>12}{'peak GiB':>10}{'step vs ' + rows[0][0]:>30}"
+    paper = PAPER_TOKENS_PER_S.get(recipe_name)
+    width = max(24, *(len(label) + 2 for label, _ in rows))
+    last = len(rows[0][0]) + 10
+    header = f"{'kind/backend':<{width}}{'params':>10}{'ms/step':>10}{'tok/s':>12}{'TFLOP/s':>10}{'MFU full':>10}" \
+             f"{'MFU causal':>12}{'peak GiB':>10}{'fwd':>6}{'bwd':>6}{'opt':>6}{'HC fwd':>7}" \
+             f"{'vs paper':>10}{'step vs ' + rows[0][0]:>{last}}"
     print(header)
     print("-" * len(header))
     for label, r in rows:
         mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "-"
         mfu_causal = f"{100 * r['tflops_causal'] / peak:.1f}%" if peak else "-"
-        print(f"{label:<24}{r['params'] / 1e6:>9.1f}M{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
-              f"{r['tflops']:>10.2f}{mfu:>10}{mfu_causal:>12}{r['peak_gib']:>10.1f}{r['step_s'] / base:>29.2f}x")
-    if recipe_name in PAPER_TOKENS_PER_S:
-        what, tps = PAPER_TOKENS_PER_S[recipe_name]
-        print(f"paper: {what}: {tps:,.0f} tok/s")
+        print(f"{label:<{width}}{r['params'] / 1e6:>9.1f}M{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>12,.0f}"
+              f"{r['tflops']:>10.2f}{mfu:>10}{mfu_causal:>12}{r['peak_gib']:>10.1f}"
+              + "".join(f"{100 * r[k + '_share']:>{w}.0f}%" for k, w in
+                        (("forward", 5), ("backward", 5), ("optimizer", 5), ("hc_fwd", 6)))
+              + (f"{r['tokens_per_s'] / paper[1]:>9.2f}x" if paper else f"{'-':>10}")
+              + f"{r['step_s'] / base:>{last - 1}.2f}x")
+    print("fwd / bwd / opt / HC fwd: shares of one device-synchronized step (HC fwd is inside fwd)")
+    if paper:
+        print(f"paper: {paper[0]}: {paper[1]:,.0f} tok/s per GPU ('vs paper' = our tok/s per GPU / this)")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ class ConfigError(ValueError):
 
 
 ATTENTION_BACKENDS = ("auto", "local", "sdpa", "te")
+COMPILE_MODES = ("none", "hc", "blocks")  # model.compile (docs/performance.md)
+FUSIONS = ("adamw", "grad_norm", "rope", "swiglu")  # train.fusions (docs/performance.md)
 # Model fields that choose kernels, not weights: a checkpoint resumes under any value of them.
-RUNTIME_MODEL_FIELDS = ("attention_backend",)
+RUNTIME_MODEL_FIELDS = ("attention_backend", "compile")
 
 
 @dataclass
@@ -69,6 +71,9 @@ class ModelConfig:
     # Core attention kernel (same weights and math): auto = te where Transformer Engine imports on a GPU,
     # sdpa (torch scaled_dot_product_attention) on other GPUs, local (Megatron's unfused one) on CPU.
     attention_backend: str = "auto"
+    # torch.compile: none; hc = each hyper-connection as one compiled pure function (one graph for every
+    # loop); blocks = also each Transformer layer's norms, core attention and MLP.
+    compile: str = "none"
     hc: HCConfig = field(default_factory=HCConfig)
 
     @property
@@ -184,6 +189,10 @@ class TrainConfig:
     hang_setup_timeout_s: float = 1800.0  # start-up to the first measured steps (build, resume, compile)
     hang_checkpoint_timeout_s: float = 900.0  # one checkpoint save or one periodic evaluation
     requeue_on_hang: bool | None = None  # None = on under SLURM: the sbatch script requeues a hung job
+    # Torch-only fusions (docs/performance.md), each the same training as without it: adamw (torch's fused
+    # AdamW), grad_norm (norm and clip by torch._foreach_*, no host sync per parameter), rope (cos/sin once
+    # per sequence length), swiglu (Megatron's bias_activation_fusion).
+    fusions: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -394,6 +403,7 @@ def validate(cfg: Config) -> None:
     m, p, o, d, t = cfg.model, cfg.parallel, cfg.optim, cfg.data, cfg.train
     _one_of("model.kind", m.kind, KINDS)
     _one_of("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS)
+    _one_of("model.compile", m.compile, COMPILE_MODES)
     for name in ("hidden_size", "num_heads", "middle_layers", "loops", "vocab_size", "seq_length"):
         _positive(f"model.{name}", getattr(m, name))
     _positive("model.begin_layers", m.begin_layers, zero_ok=True)
@@ -455,6 +465,12 @@ def validate(cfg: Config) -> None:
     _positive("train.save_interval", t.save_interval, zero_ok=True)
     _one_of("train.precision", t.precision, ("fp32", "bf16"))
     _one_of("train.recompute", t.recompute, ("none", "loop"))
+    for i, name in enumerate(t.fusions):
+        _one_of(f"train.fusions[{i}]", name, FUSIONS)
+    _require(len(set(t.fusions)) == len(t.fusions), f"train.fusions={t.fusions}: names one fusion twice")
+    _require(not t.fusions or p.engine == "megatron",
+             f"train.fusions={t.fusions}: patches Megatron's optimizer and layers, only with "
+             f"parallel.engine=megatron (not {p.engine!r}); remove train.fusions")
     _require(t.run_dir != "", "train.run_dir: must name a directory")
     if t.hang_timeout_s is not None:
         _positive("train.hang_timeout_s", t.hang_timeout_s, zero_ok=True)

@@ -29,7 +29,7 @@ def perturb_identity_params(model: torch.nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("hc.") or name == "loop_embedding":
-                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+                p.add_(0.2 * torch.randn(p.shape, generator=gen).to(p.device))
 
 
 def tokens(cfg: ModelConfig, batch: int = 3, seed: int = 1) -> torch.Tensor:

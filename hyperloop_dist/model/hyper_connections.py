@@ -24,6 +24,7 @@ skip of its own: the residual path is ``H_res``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -126,6 +127,69 @@ def mix_streams(h: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     return _StreamMix.apply(h, streams)
 
 
+def sinkhorn_unrolled(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """:func:`sinkhorn` as plain ops, left to autograd: what ``torch.compile`` traces and fuses (the same
+    iterations, floor and fp32 compute, so the same values and gradients to float rounding)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    p = (x - x.amax(dim=-1, keepdim=True)).clamp_min(_LOG_FLOOR).exp()
+    for _ in range(iters):
+        p = p / p.sum(-1, keepdim=True)  # rows
+        p = p / p.sum(-2, keepdim=True)  # then columns
+    return p.to(logits.dtype)
+
+
+def hc_gates(streams: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, bias_pre: torch.Tensor,
+             bias_post: torch.Tensor, bias_res: torch.Tensor | None, *, res: str, iters: int, eps: float,
+             sinkhorn_fn: Callable[[torch.Tensor, int], torch.Tensor] = sinkhorn_unrolled,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:meth:`HyperConnection.gates` as a pure function of the state and the HC's parameters."""
+    # The gates are computed in fp32 whatever the activation dtype: 20 Sinkhorn iterations in bf16 leave
+    # row / column sums off by ~1e-2, and the gates are tiny next to the block's matmuls.
+    n, dtype = streams.shape[-2], streams.dtype
+    flat = streams.flatten(-2).float()
+    z = nn.functional.rms_norm(flat, (flat.shape[-1],), eps=eps)
+    raw = nn.functional.linear(z, weight.float())
+    raw_pre, raw_post, raw_res = raw.split((n, n, raw.shape[-1] - 2 * n), dim=-1)
+    alpha = alpha.float()
+    h_pre = torch.sigmoid(alpha[0] * raw_pre + bias_pre.float())
+    h_post = 2.0 * torch.sigmoid(alpha[1] * raw_post + bias_post.float())
+    if res == "identity":
+        return h_pre.to(dtype), h_post.to(dtype), None
+    if res == "diagonal":
+        h_res = torch.sigmoid(alpha[2] * raw_res + bias_res.float())
+    else:
+        h_res = sinkhorn_fn(alpha[2] * raw_res.unflatten(-1, (n, n)) + bias_res.float(), iters)
+    return h_pre.to(dtype), h_post.to(dtype), h_res.to(dtype)
+
+
+def hc_read(streams: torch.Tensor, *params: torch.Tensor | None, res: str, iters: int, eps: float,
+            sinkhorn_fn: Callable[[torch.Tensor, int], torch.Tensor] = sinkhorn_unrolled,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:meth:`HyperConnection.read` as a pure function (``params``: weight, alpha, bias_pre/post/res)."""
+    h_pre, h_post, h_res = hc_gates(streams, *params, res=res, iters=iters, eps=eps, sinkhorn_fn=sinkhorn_fn)
+    # A weighted sum over the small stream dim: einsum would run it as [tokens] 1 x n matmuls (4x slower on CPU).
+    return (h_pre.unsqueeze(-1) * streams).sum(-2), h_post, h_res
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_hc(part: str) -> Callable:
+    """The hyper-connection's ``read`` or ``write`` as one ``torch.compile(fullgraph=True)`` graph.
+
+    Pure functions of tensors: the parameters come in as arguments, so every loop's HC (and every mHC
+    sub-layer's) runs the same graph, and no loop index enters it (the loop embedding is indexed outside).
+    Built on first use: ``hyperloop_dist/__init__.py`` swaps ``torch.compile`` for a no-op only while
+    ``megatron.core`` imports on CPU machines, and is never active here.
+    """
+    if part not in _COMPILED:
+        if torch.compile.__module__ != "torch":
+            raise RuntimeError(f"model.compile: torch.compile is replaced by {torch.compile.__module__}")
+        fn = hc_read if part == "read" else functools.partial(HyperConnection.write, mix=torch.matmul)
+        _COMPILED[part] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _COMPILED[part]
+
+
 def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
     """``[s, b, d] -> [s, b, n, d]``: every stream starts as a copy of the input."""
     return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]).contiguous()
@@ -153,6 +217,7 @@ class HyperConnection(nn.Module):
             raise ValueError(f"hyper-connection res={res!r}: one of {', '.join(HC_RES_MODES)}")
         n, d = streams, hidden_size
         self.streams, self.res, self.sinkhorn_iters = n, res, sinkhorn_iters
+        self.compiled = False  # model.compile=hc: read and write run as compiled pure functions
         self.res_width = {"diagonal": n, "sinkhorn": n * n, "identity": 0}[res]
         self.norm = nn.RMSNorm(n * d, eps=eps, elementwise_affine=False)
         # W_pre | W_post | W_res fused into one projection: [(n*d) -> n + n + res_width].
@@ -170,32 +235,30 @@ class HyperConnection(nn.Module):
     def gates(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``H_pre [.., n]``, ``H_post [.., n]`` and ``H_res``: ``[.., n]`` (the diagonal), ``[.., n, n]``
         (Sinkhorn) or None (identity), for residual state ``[.., n, d]``."""
-        # The gates are computed in fp32 whatever the activation dtype: 20 Sinkhorn iterations in bf16 leave
-        # row / column sums off by ~1e-2, and the gates are tiny next to the block's matmuls.
-        n, dtype = self.streams, streams.dtype
-        z = self.norm(streams.flatten(-2).float())
-        raw = nn.functional.linear(z, self.proj.weight.float())
-        raw_pre, raw_post, raw_res = raw.split((n, n, self.res_width), dim=-1)
-        alpha = self.alpha.float()
-        h_pre = torch.sigmoid(alpha[0] * raw_pre + self.bias_pre.float())
-        h_post = 2.0 * torch.sigmoid(alpha[1] * raw_post + self.bias_post.float())
-        if self.res == "identity":
-            return h_pre.to(dtype), h_post.to(dtype), None
-        if self.res == "diagonal":
-            h_res = torch.sigmoid(alpha[2] * raw_res + self.bias_res.float())
-        else:
-            h_res = sinkhorn(alpha[2] * raw_res.unflatten(-1, (n, n)) + self.bias_res.float(), self.sinkhorn_iters)
-        return h_pre.to(dtype), h_post.to(dtype), h_res.to(dtype)
+        return hc_gates(streams, *self._params(), **self._consts(), sinkhorn_fn=sinkhorn)
 
     def read(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """F's input ``x = H_pre . Y`` and the gates the write will need."""
-        h_pre, h_post, h_res = self.gates(streams)
-        # A weighted sum over the small stream dim: einsum would run it as [tokens] 1 x n matmuls (4x slower on CPU).
-        return (h_pre.unsqueeze(-1) * streams).sum(-2), h_post, h_res
+        if self.compiled:
+            return compiled_hc("read")(streams, *self._params(), **self._consts())
+        return hc_read(streams, *self._params(), **self._consts(), sinkhorn_fn=sinkhorn)
+
+    def write_back(self, streams: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None,
+                   out_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`write`, compiled when this hyper-connection is (``model.compile``)."""
+        if self.compiled:
+            return compiled_hc("write")(streams, y, h_post, h_res, out_bias)
+        return self.write(streams, y, h_post, h_res, out_bias)
+
+    def _params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.proj.weight, self.alpha, self.bias_pre, self.bias_post, getattr(self, "bias_res", None)
+
+    def _consts(self) -> dict[str, object]:
+        return {"res": self.res, "iters": self.sinkhorn_iters, "eps": self.norm.eps}
 
     @staticmethod
     def write(streams: torch.Tensor, y: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor | None,
-              out_bias: torch.Tensor | None = None) -> torch.Tensor:
+              out_bias: torch.Tensor | None = None, mix: Callable | None = None) -> torch.Tensor:
         """``Y' = H_res Y + H_post (y [+ e])`` for F's output ``y``; H_res as :meth:`gates` returns it."""
         if out_bias is not None:
             y = y + out_bias
@@ -204,12 +267,12 @@ class HyperConnection(nn.Module):
         elif h_res.dim() == streams.dim() - 1:  # the diagonal: one gate per stream
             carried = h_res.unsqueeze(-1) * streams
         else:
-            carried = mix_streams(h_res, streams)
+            carried = (mix or mix_streams)(h_res, streams)
         return carried + h_post.unsqueeze(-1) * y.unsqueeze(-2)
 
     def forward(self, streams: torch.Tensor, block: Block, out_bias: torch.Tensor | None = None) -> torch.Tensor:
         x, h_post, h_res = self.read(streams)
-        return self.write(streams, block(x), h_post, h_res, out_bias)
+        return self.write_back(streams, block(x), h_post, h_res, out_bias)
 
 
 Carry = tuple[torch.Tensor, ...] | None
@@ -245,7 +308,7 @@ def loop_boundary(kind: str, loop: int, passes: int, carry: Carry, y: torch.Tens
         state = expand_streams(y, streams)
     else:
         state_prev, h_post, *h_res = carry  # (identity H_res carries nothing)
-        state = HyperConnection.write(state_prev, y, h_post, h_res[0] if h_res else None, bias)
+        state = hcs[(loop - 1) % len(hcs)].write_back(state_prev, y, h_post, h_res[0] if h_res else None, bias)
     if loop == passes:
         return None, collapse_streams(state)
     x, h_post, h_res = hcs[loop % len(hcs)].read(state)

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,7 @@ from hyperloop_dist.parallel import cpu_shim
 
 
 def transformer_config(cfg: ModelConfig, tp: int = 1, precision: str = "fp32",
-                       sequence_parallel: bool = False) -> TransformerConfig:
+                       sequence_parallel: bool = False, fusions: Sequence[str] = ()) -> TransformerConfig:
     """Megatron's TransformerConfig for our layers (RMSNorm, SwiGLU, RoPE, no biases, no dropout)."""
     bf16 = precision == "bf16"
     return TransformerConfig(
@@ -57,8 +57,11 @@ def transformer_config(cfg: ModelConfig, tp: int = 1, precision: str = "fp32",
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=not cpu_shim.cuda_available(),
-        # Fusions that need CUDA kernels; the TE spec brings its own on GPU.
-        bias_activation_fusion=False,
+        # train.fusions=[swiglu]: SwiGLU as Megatron's fused autograd function, whose pieces are wrapped in
+        # its jit_fuser (torch.compile; a plain call on CPU, see hyperloop_dist/__init__.py).
+        bias_activation_fusion="swiglu" in fusions,
+        # Off: bias-dropout fusion has nothing to fuse here (no biases, no dropout); the other four need Apex
+        # or Transformer Engine kernels (the TE spec brings its own on GPU).
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
@@ -303,9 +306,23 @@ def sub_layer_branches(layer: TransformerLayer, rotary: RotaryEmbedding) -> tupl
 
 
 def build_model(cfg: ModelConfig, tp: int = 1, stage: Stage = Stage(), precision: str = "fp32",
-                recompute: bool = False, seed: int = 1234) -> HyperloopModel:
+                recompute: bool = False, seed: int = 1234, fusions: Sequence[str] = ()) -> HyperloopModel:
     """Build the Megatron model (this rank's stage of it) once ``parallel_state`` is initialized."""
-    config = transformer_config(cfg, tp=tp, precision=precision)
+    config = transformer_config(cfg, tp=tp, precision=precision, fusions=fusions)
     model = HyperloopModel(dataclasses.replace(cfg), config, stage, recompute, seed)
+    if cfg.compile == "blocks":
+        compile_layer_parts(model)
     # Megatron creates its layers on the GPU when there is one; our own parameters (HC, loop embedding) follow.
     return model.cuda() if cpu_shim.cuda_available() else model
+
+
+def compile_layer_parts(model: HyperloopModel) -> None:
+    """``model.compile=blocks``: each layer's norms, core attention and MLP compiled in place (state-dict
+    names unchanged; layers of one shape share the graphs). Never the whole ``TransformerLayer``: its RNG
+    tracker, NVTX ranges and ``main_grad`` hooks break graphs.
+    """
+    for blk in model.blocks():
+        for layer in blk.layers:
+            for part in (layer.input_layernorm, layer.self_attention.core_attention, layer.pre_mlp_layernorm,
+                         layer.mlp):
+                part.compile()

@@ -17,11 +17,14 @@ def block_sizes(cfg: ModelConfig) -> dict[str, int]:
 
 def make_hyper_connections(cfg: ModelConfig) -> nn.ModuleList:
     count = num_hyper_connections(cfg.kind, cfg.loops, cfg.effective_depth, cfg.hc.per_loop_params)
-    return nn.ModuleList(
+    hcs = nn.ModuleList(
         HyperConnection(cfg.hidden_size, cfg.hc.streams, cfg.hc.res_for(cfg.kind), cfg.hc.sinkhorn_iters,
                         cfg.hc.alpha_init)
         for _ in range(count)
     )
+    for hc in hcs:
+        hc.compiled = cfg.compile in ("hc", "blocks")
+    return hcs
 
 
 def make_loop_embedding(cfg: ModelConfig) -> nn.Parameter | None:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from hyperloop_dist.checkpoint.safe_pickle import check_dcp_metadata
 from hyperloop_dist.config import Config
+from hyperloop_dist.fusions import apply_process_fusions, use_fused_adamw
 from hyperloop_dist.parallel import cpu_shim
 from hyperloop_dist.parallel.distributed import RankInfo
 from hyperloop_dist.train import hang
@@ -56,8 +57,9 @@ class MegatronEngine(Engine):
 
         super().__init__(cfg, info)
         stage = Stage(rank=parallel_state.get_pipeline_model_parallel_rank(), size=cfg.parallel.pp)
+        apply_process_fusions(cfg.train.fusions)
         model = build_model(cfg.model, tp=cfg.parallel.tp, stage=stage, precision=cfg.train.precision,
-                            recompute=cfg.train.recompute == "loop", seed=cfg.train.seed)
+                            recompute=cfg.train.recompute == "loop", seed=cfg.train.seed, fusions=cfg.train.fusions)
         distopt = cfg.parallel.distributed_optimizer
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                    overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
@@ -72,6 +74,8 @@ class MegatronEngine(Engine):
         )
         with cpu_shim.device_mode():
             self.optimizer = get_megatron_optimizer(opt_config, [self.ddp])
+        if "adamw" in cfg.train.fusions:
+            use_fused_adamw(self.optimizer)
         self.scheduler = lr_scheduler(cfg, self.optimizer)
         self.model: HyperloopModel = self.ddp.module
         self.pipeline = CircularPipeline(self.model, cfg.train.micro_batch_size) if cfg.parallel.pp > 1 else None
