@@ -99,6 +99,7 @@ class ParallelConfig:
     nnodes: int = 1
     tp: int = 1
     pp: int = 1
+    pp_schedule: str = "1f1b"  # circular pipeline order: 1f1b (bounded activations) or gpipe (all forwards first)
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (ZeRO-1)
     overlap_grad_reduce: bool = False  # start DP gradient reduction per bucket during the backward pass
     fsdp_shard: str = "full"  # engine fsdp: full (over all ranks) or hybrid (within a node, replicated across)
@@ -418,6 +419,7 @@ def validate(cfg: Config) -> None:
 
     _one_of("parallel.engine", p.engine, ("megatron", "fsdp", "deepspeed"))
     _one_of("parallel.fsdp_shard", p.fsdp_shard, ("full", "hybrid"))
+    _one_of("parallel.pp_schedule", p.pp_schedule, ("1f1b", "gpipe"))
     if p.engine == "fsdp":
         _require(p.tp == 1 and p.pp == 1, f"parallel.engine='fsdp' with tp={p.tp}, pp={p.pp}: the fsdp engine "
                                           "shards data-parallel only; use parallel.engine=megatron for TP/PP")

@@ -191,7 +191,8 @@ def build_engine(cfg: Config, info: RankInfo) -> Engine:
 
         return Engine(model, optimizer, scheduler, step)
     ddp, optimizer, scheduler = build_training(cfg)
-    pipeline = CircularPipeline(unwrap(ddp), cfg.train.micro_batch_size) if cfg.parallel.pp > 1 else None
+    pipeline = (CircularPipeline(unwrap(ddp), cfg.train.micro_batch_size, cfg.parallel.pp_schedule)
+                if cfg.parallel.pp > 1 else None)
 
     def step(data: Batches, index: int, stop: StopRequest | None) -> tuple[float, float, list[int]]:
         return train_step(cfg, ddp, optimizer, data, index, info, pipeline, stop)
