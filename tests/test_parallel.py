@@ -25,9 +25,11 @@ STEPS = 6
 LAYOUTS = {  # name: overrides (pipeline runs need an untied head, so every run unties it)
     "single": ["parallel.nproc_per_node=1", "train.grad_accum=2"],
     "tp2": ["parallel.nproc_per_node=2", "parallel.tp=2", "train.grad_accum=2"],
-    "pp2": ["parallel.nproc_per_node=2", "parallel.pp=2", "train.grad_accum=2"],
+    # 1F1B (the default schedule) with 8 micro-batches: past warm-up, forwards and backwards alternate.
+    "pp2": ["parallel.nproc_per_node=2", "parallel.pp=2", "train.micro_batch_size=1", "train.grad_accum=8"],
     "dp2": ["parallel.nproc_per_node=2"],
-    "tp2pp2": ["parallel.nproc_per_node=4", "parallel.tp=2", "parallel.pp=2", "train.grad_accum=2"],
+    "tp2pp2": ["parallel.nproc_per_node=4", "parallel.tp=2", "parallel.pp=2", "train.grad_accum=2",
+               "parallel.pp_schedule=gpipe"],
     "dp2_distopt": ["parallel.nproc_per_node=2", "parallel.distributed_optimizer=true"],
     # Overlapped DP reduction while the shared middle block reports one gradient event per recomputed loop.
     "dp2_overlap_recompute": ["parallel.nproc_per_node=2", "parallel.overlap_grad_reduce=true", "train.recompute=loop",
@@ -75,7 +77,8 @@ def _resume_copy(run_dir: Path, step: int, dest: Path) -> Path:
 
 
 @pytest.mark.parametrize(("source", "target"),
-                         [("tp2", "single"), ("tp2", "pp2"), ("pp2", "single"), ("dp2_distopt", "dp2_distopt")])
+                         [("tp2", "single"), ("tp2", "pp2"), ("pp2", "single"), ("pp2", "tp2"),
+                          ("dp2_distopt", "dp2_distopt")])
 def test_resume_under_another_layout_continues_the_same_run(runs: dict, tiny_data: list[str], tmp_path: Path,
                                                             source: str, target: str) -> None:
     """Saved at step 3 under `source`, resumed under `target`: steps 4-6 as in the uninterrupted run."""

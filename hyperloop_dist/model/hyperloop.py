@@ -30,6 +30,7 @@ from hyperloop_dist.config import ModelConfig
 from hyperloop_dist.model.hyper_connections import Block, Carry, loop_boundary, num_passes, run_body
 from hyperloop_dist.model.layout import block_sizes, make_hyper_connections, make_loop_embedding
 from hyperloop_dist.parallel import cpu_shim
+from hyperloop_dist.parallel.tied_embedding import tie_across_stages, tie_in_checkpoint
 
 
 def transformer_config(cfg: ModelConfig, tp: int = 1, precision: str = "fp32",
@@ -167,10 +168,10 @@ class HyperloopModel(MegatronModule):
                  recompute: bool = False, seed: int = 1234) -> None:
         super().__init__(config=config)
         self.cfg, self.stage, self.recompute = cfg, stage, recompute
-        # Read by Megatron's finalize_model_grads (GPTModel's names). Tied embeddings are refused under
-        # pipeline parallelism at config load, so no embedding gradient crosses stages.
+        # Read by Megatron's finalize_model_grads (GPTModel's names): with tied embeddings under PP it
+        # all-reduces the gradient of shared_embedding_or_output_weight() over the embedding group.
         self.pre_process, self.post_process = stage.first, stage.last
-        self.share_embeddings_and_output_weights = cfg.tie_embeddings and stage.size == 1
+        self.share_embeddings_and_output_weights = cfg.tie_embeddings
         spec, norm_cls = layer_spec(cfg.attention_backend)
         sizes = block_sizes(cfg)
 
@@ -210,13 +211,28 @@ class HyperloopModel(MegatronModule):
             with seeded(seed, "output_layer"):
                 self.output_layer = tensor_parallel.ColumnParallelLinear(
                     cfg.hidden_size, cfg.vocab_size, config=config, init_method=config.init_method, bias=False,
-                    gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
+                    gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings and stage.first,
                 )
+        if cfg.tie_embeddings and stage.size > 1:
+            tie_across_stages(self)
         # Every parameter in the training dtype (HC, loop embedding too): Megatron's mixed-precision optimizer
         # maps its fp32 master copies to model parameters assuming all of them are half precision.
         if config.params_dtype != torch.float32:
             for p in self.parameters():
                 p.data = p.data.to(config.params_dtype)
+
+    def shared_embedding_or_output_weight(self) -> torch.nn.Parameter | None:
+        """The tied embedding on this stage: the embedding (first stage) or the head's copy (last stage)."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight if self.post_process else None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None,
+                           ) -> dict:
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.cfg.tie_embeddings and self.stage.size > 1:
+            tie_in_checkpoint(self, state, prefix)
+        return state
 
     def blocks(self) -> list[TransformerBlock]:
         return [b for b in (self.begin, self.middle, self.end) if b is not None]
@@ -249,7 +265,7 @@ class HyperloopModel(MegatronModule):
     def head(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Last stage: final norm and LM head (see :meth:`finish`)."""
         x = self.final_norm(x)
-        weight = self.embedding.word_embeddings.weight if self.cfg.tie_embeddings else None
+        weight = self.embedding.word_embeddings.weight if self.output_layer.weight is None else None
         logits, _ = self.output_layer(x, weight=weight)
         if labels is None:
             return tensor_parallel.gather_from_tensor_model_parallel_region(logits).transpose(0, 1).contiguous()
