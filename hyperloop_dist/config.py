@@ -437,8 +437,6 @@ def validate(cfg: Config) -> None:
     if p.pp > 1:
         _require(not p.overlap_grad_reduce, f"parallel.overlap_grad_reduce=true with parallel.pp={p.pp}: not offered "
                                             "with the circular pipeline yet; set parallel.overlap_grad_reduce=false")
-        _require(m.kind != "mhc", f"parallel.pp={p.pp} with model.kind='mhc': mHC wraps every layer, so its stream "
-                                  "state would cross every stage; use parallel.pp=1 for mhc")
         middle = m.middle_layers if m.kind in LOOPED_KINDS else m.loops * m.middle_layers
         valid = [d for d in range(1, middle + 1) if middle % d == 0]
         _require(middle % p.pp == 0,

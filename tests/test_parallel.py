@@ -7,6 +7,7 @@ trajectory and the weights must not depend on the layout.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from .helpers import checkpoint, losses, train, weights
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("megatron_world")]
 
 STEPS = 6
-LAYOUTS = {  # name: overrides (pipeline runs need an untied head, so every run unties it)
+LAYOUTS = {  # name: overrides (every run unties the head; tied embeddings under PP have their own test)
     "single": ["parallel.nproc_per_node=1", "train.grad_accum=2"],
     "tp2": ["parallel.nproc_per_node=2", "parallel.tp=2", "train.grad_accum=2"],
     # 1F1B (the default schedule) with 8 micro-batches: past warm-up, forwards and backwards alternate.
@@ -67,6 +68,27 @@ def test_layout_matches_single_process(runs: dict, kind: str, layout: str) -> No
     a, b = weights(runs[kind, "single"], STEPS), weights(runs[kind, layout], STEPS)
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_tied_embeddings_under_pp_match_data_parallel(dp2_run: tuple[Path, str], tiny_data: list[str],
+                                                      tmp_path: Path) -> None:
+    """The tied embedding on stage 0 and its head copy on stage 1 (embedding-group gradient all-reduce)
+    train as the one tied matrix of the session's tied DP2 run (itself the single-process run): same
+    losses, same gradient norm (the copy counted once)."""
+    from .conftest import DP2_12
+
+    pp2 = [*(o for o in DP2_12 if not o.startswith(("parallel.", "train.save"))), "parallel.nproc_per_node=2",
+           "parallel.pp=2", "train.grad_accum=2", "train.save_interval=0"]
+    train([*tiny_data, *pp2], tmp_path / "run")
+    ref = _rows(dp2_run[0])
+    for step, row in _rows(tmp_path / "run").items():
+        assert row["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step
+        assert row["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step
+
+
+def _rows(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
 
 
 def _resume_copy(run_dir: Path, step: int, dest: Path) -> Path:

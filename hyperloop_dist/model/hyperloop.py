@@ -27,7 +27,15 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 from megatron.core.utils import get_pg_rank
 
 from hyperloop_dist.config import ModelConfig
-from hyperloop_dist.model.hyper_connections import Block, Carry, loop_boundary, num_passes, run_body
+from hyperloop_dist.model.hyper_connections import (
+    Block,
+    Carry,
+    collapse_streams,
+    expand_streams,
+    loop_boundary,
+    num_passes,
+    run_body,
+)
 from hyperloop_dist.model.layout import block_sizes, make_hyper_connections, make_loop_embedding
 from hyperloop_dist.parallel import cpu_shim
 from hyperloop_dist.parallel.tied_embedding import tie_across_stages, tie_in_checkpoint
@@ -201,9 +209,13 @@ class HyperloopModel(MegatronModule):
                                                         position_embedding_type="rope")
             self.begin = block(sizes["begin"], "begin")
         self.middle = TransformerBlock(middle_config, seeded_spec(spec, seed, "middle"), post_layer_norm=False)
-        if stage.first:
+        if stage.first or cfg.kind == "mhc":
             with seeded(seed, "hc"):
                 self.hc = make_hyper_connections(cfg)
+            if cfg.kind == "mhc" and stage.size > 1:
+                # mHC under PP: each stage keeps the hyper-connections of its own sub-layers, under their
+                # global index (``hc.<i>``, the single-process keys, so checkpoints reshard).
+                self.hc = torch.nn.ModuleDict({str(i): self.hc[i] for i in mhc_stage_indices(cfg, stage)})
             self.loop_embedding = make_loop_embedding(cfg)
         if stage.last:
             self.end = block(sizes["end"], "end")
@@ -241,8 +253,21 @@ class HyperloopModel(MegatronModule):
         seq = x.shape[0]
         return blk(x, attention_mask=cpu_shim.causal_mask(seq), rotary_pos_emb=self.rotary(seq))
 
+    def _run_mhc(self, blk: TransformerBlock | None, state: torch.Tensor, first_layer: int) -> torch.Tensor:
+        """mHC under PP: the n-stream state through ``blk``'s sub-layers, each in its hyper-connection
+        (``first_layer``: global index of the block's first layer in the whole stack)."""
+        if blk is None:
+            return state
+        for i, layer in enumerate(blk.layers):
+            local = layer.layer_number - 1 if blk is self.middle else i  # the middle slice numbers globally
+            for j, branch in enumerate(sub_layer_branches(layer, self.rotary)):
+                state = self.hc[str(2 * (first_layer + local) + j)](state, branch)
+        return state
+
     def run_middle(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's middle block (slice); with recompute, activations are kept per loop pass only."""
+        if self.cfg.kind == "mhc":
+            return self._run_mhc(self.middle, x, self.cfg.begin_layers)
         if self.recompute and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._run, self.middle, x, use_reentrant=False)
         return self._run(self.middle, x)
@@ -250,6 +275,8 @@ class HyperloopModel(MegatronModule):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """First stage: embeddings through the begin block, ``[s, b, d]``."""
         x = self.embedding(tokens, position_ids=None)
+        if self.cfg.kind == "mhc":  # (pipelined only) the n-stream state through the begin block
+            return self._run_mhc(self.begin, expand_streams(x, self.cfg.hc.streams), 0)
         return x if self.begin is None else self._run(self.begin, x)
 
     def boundary(self, loop: int, carry: Carry, y: torch.Tensor) -> tuple[Carry, torch.Tensor]:
@@ -260,6 +287,9 @@ class HyperloopModel(MegatronModule):
 
     def finish(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Last stage: end block, norm and head; logits ``[b, s, vocab]`` or per-token loss ``[b, s]``."""
+        if self.cfg.kind == "mhc":  # (pipelined only) ``x`` is the n-stream state
+            end = self._run_mhc(self.end, x, self.cfg.begin_layers + block_sizes(self.cfg)["middle"])
+            return self.head(collapse_streams(end), labels)
         return self.head(x if self.end is None else self._run(self.end, x), labels)
 
     def head(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -298,6 +328,15 @@ class HyperloopModel(MegatronModule):
         if cfg.kind == "mhc":  # mhc's layers include the end block's; finish() must not run it again
             return self.head(x, labels)
         return self.finish(x, labels)
+
+
+def mhc_stage_indices(cfg: ModelConfig, stage: Stage) -> range:
+    """Global indices of the hyper-connections of ``stage``'s sub-layers (two per layer) in an mHC stack."""
+    sizes = block_sizes(cfg)
+    per_stage = sizes["middle"] // stage.size
+    start = 0 if stage.first else 2 * (sizes["begin"] + stage.rank * per_stage)
+    stop = 2 * (sizes["begin"] + (stage.rank + 1) * per_stage + (sizes["end"] if stage.last else 0))
+    return range(start, stop)
 
 
 def sub_layer_branches(layer: TransformerLayer, rotary: RotaryEmbedding) -> tuple[Block, Block]:
