@@ -100,6 +100,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     pp_schedule: str = "1f1b"  # circular pipeline order: 1f1b (bounded activations) or gpipe (all forwards first)
+    sequence_parallel: bool = False  # with tp > 1: activations between layers split along the sequence over TP
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (ZeRO-1)
     overlap_grad_reduce: bool = False  # start DP gradient reduction per bucket during the backward pass
     fsdp_shard: str = "full"  # engine fsdp: full (over all ranks) or hybrid (within a node, replicated across)
@@ -434,6 +435,13 @@ def validate(cfg: Config) -> None:
         for name, value in (("model.num_heads", m.num_heads), ("model.num_query_groups", m.query_groups),
                             ("model.ffn_hidden_size", m.ffn_size), ("model.vocab_size", m.vocab_size)):
             _require(value % p.tp == 0, f"parallel.tp={p.tp}: must divide {name}={value}")
+    if p.sequence_parallel:
+        _require(p.tp > 1 and p.engine == "megatron",
+                 f"parallel.sequence_parallel=true with tp={p.tp}, engine={p.engine!r}: sequence parallelism splits "
+                 "the sequence over the tensor-parallel ranks of the megatron engine; set parallel.tp >= 2 "
+                 "(and parallel.engine=megatron) or parallel.sequence_parallel=false")
+        _require(m.seq_length % p.tp == 0,
+                 f"parallel.sequence_parallel=true: parallel.tp={p.tp} must divide model.seq_length={m.seq_length}")
     if p.pp > 1:
         _require(not p.overlap_grad_reduce, f"parallel.overlap_grad_reduce=true with parallel.pp={p.pp}: not offered "
                                             "with the circular pipeline yet; set parallel.overlap_grad_reduce=false")

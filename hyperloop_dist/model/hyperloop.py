@@ -37,7 +37,8 @@ from hyperloop_dist.model.hyper_connections import (
     run_body,
 )
 from hyperloop_dist.model.layout import block_sizes, make_hyper_connections, make_loop_embedding
-from hyperloop_dist.parallel import cpu_shim
+from hyperloop_dist.parallel import cpu_shim, sequence_parallel
+from hyperloop_dist.parallel.sequence_parallel import SequenceParallelTorchNorm
 from hyperloop_dist.parallel.tied_embedding import tie_across_stages, tie_in_checkpoint
 
 
@@ -98,9 +99,11 @@ def layer_spec(backend: str = "auto") -> tuple[ModuleSpec, type]:
 
         return get_gpt_layer_with_transformer_engine_spec(), TENorm
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # Megatron's torch norm refuses sequence parallelism; ours marks its weight for the SP all-reduce.
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(
+        spec.submodules, input_layernorm=SequenceParallelTorchNorm, pre_mlp_layernorm=SequenceParallelTorchNorm))
     if backend == "sdpa":
         from hyperloop_dist.model.attention import SDPAttention
 
@@ -108,7 +111,7 @@ def layer_spec(backend: str = "auto") -> tuple[ModuleSpec, type]:
         attn = spec.submodules.self_attention
         attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=SDPAttention))
         spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
-    return spec, WrappedTorchNorm
+    return spec, SequenceParallelTorchNorm
 
 
 @contextlib.contextmanager
@@ -227,6 +230,9 @@ class HyperloopModel(MegatronModule):
                 )
         if cfg.tie_embeddings and stage.size > 1:
             tie_across_stages(self)
+        if config.sequence_parallel:  # applied to this rank's tokens only: gradients summed over TP
+            sequence_parallel.mark([*self.hc.parameters(), *([self.loop_embedding] if self.loop_embedding is not None
+                                                             else [])])
         # Every parameter in the training dtype (HC, loop embedding too): Megatron's mixed-precision optimizer
         # maps its fp32 master copies to model parameters assuming all of them are half precision.
         if config.params_dtype != torch.float32:
@@ -250,7 +256,7 @@ class HyperloopModel(MegatronModule):
         return [b for b in (self.begin, self.middle, self.end) if b is not None]
 
     def _run(self, blk: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
-        seq = x.shape[0]
+        seq = sequence_parallel.full_length(self.config, x)
         return blk(x, attention_mask=cpu_shim.causal_mask(seq), rotary_pos_emb=self.rotary(seq))
 
     def _run_mhc(self, blk: TransformerBlock | None, state: torch.Tensor, first_layer: int) -> torch.Tensor:
@@ -345,7 +351,7 @@ def sub_layer_branches(layer: TransformerLayer, rotary: RotaryEmbedding) -> tupl
     Transformer-Engine spec ``input_layernorm`` is an identity and the norm is fused into ``linear_qkv``."""
 
     def attention(h: torch.Tensor) -> torch.Tensor:
-        seq = h.shape[0]
+        seq = sequence_parallel.full_length(layer.config, h)
         out, bias = layer.self_attention(layer.input_layernorm(h), attention_mask=cpu_shim.causal_mask(seq),
                                          rotary_pos_emb=rotary(seq))
         return out if bias is None else out + bias
@@ -358,9 +364,9 @@ def sub_layer_branches(layer: TransformerLayer, rotary: RotaryEmbedding) -> tupl
 
 
 def build_model(cfg: ModelConfig, tp: int = 1, stage: Stage = Stage(), precision: str = "fp32",
-                recompute: bool = False, seed: int = 1234) -> HyperloopModel:
+                recompute: bool = False, seed: int = 1234, sequence_parallel: bool = False) -> HyperloopModel:
     """Build the Megatron model (this rank's stage of it) once ``parallel_state`` is initialized."""
-    config = transformer_config(cfg, tp=tp, precision=precision)
+    config = transformer_config(cfg, tp=tp, precision=precision, sequence_parallel=sequence_parallel)
     model = HyperloopModel(dataclasses.replace(cfg), config, stage, recompute, seed)
     # Megatron creates its layers on the GPU when there is one; our own parameters (HC, loop embedding) follow.
     return model.cuda() if cpu_shim.cuda_available() else model

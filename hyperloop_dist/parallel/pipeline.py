@@ -79,7 +79,7 @@ class CircularPipeline:
         self.first_rank, self.last_rank = self.ranks[0], self.ranks[-1]
         self.first, self.last = self.rank == 0, self.rank == self.size - 1
         self.passes = num_passes(cfg.kind, cfg.loops)
-        self.shape = (cfg.seq_length, micro_batch_size, *self._width())
+        self.shape = (self._length(cfg.seq_length), micro_batch_size, *self._width())
         self.dtype = model.config.params_dtype
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
         self._inbox: dict[Message, torch.Tensor] = {}
@@ -197,7 +197,7 @@ class CircularPipeline:
         last), one micro-batch at a time with blocking sends; the last stage broadcasts the loss.
         """
         device = self._device()
-        shape = (tokens.shape[1], tokens.shape[0], *self._width())
+        shape = (self._length(tokens.shape[1]), tokens.shape[0], *self._width())
 
         with torch.no_grad():
             y, carry = (self.model.embed(tokens.to(device)) if self.first else None), None
@@ -222,6 +222,11 @@ class CircularPipeline:
     def _forward_target(self) -> int:
         # The last slice hands its output back to the first stage: the loop boundary.
         return self.first_rank if self.last else self.next_rank
+
+    def _length(self, seq: int) -> int:
+        # Under sequence parallelism a stage sends its TP rank's share of the sequence.
+        config = self.model.config
+        return seq // config.tensor_model_parallel_size if config.sequence_parallel else seq
 
     def _width(self) -> tuple[int, ...]:
         # mHC wraps every sub-layer, so its n-stream state crosses stages; the other kinds send d wide.

@@ -63,7 +63,8 @@ def build_training(cfg: Config) -> tuple[DistributedDataParallel, MegatronOptimi
 
     stage = Stage(rank=parallel_state.get_pipeline_model_parallel_rank(), size=cfg.parallel.pp)
     model = build_model(cfg.model, tp=cfg.parallel.tp, stage=stage, precision=cfg.train.precision,
-                        recompute=cfg.train.recompute == "loop", seed=cfg.train.seed)
+                        recompute=cfg.train.recompute == "loop", seed=cfg.train.seed,
+                        sequence_parallel=cfg.parallel.sequence_parallel)
     distopt = cfg.parallel.distributed_optimizer
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
