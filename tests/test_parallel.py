@@ -29,8 +29,10 @@ LAYOUTS = {  # name: overrides (every run unties the head; tied embeddings under
     # 1F1B (the default schedule) with 8 micro-batches: past warm-up, forwards and backwards alternate.
     "pp2": ["parallel.nproc_per_node=2", "parallel.pp=2", "train.micro_batch_size=1", "train.grad_accum=8"],
     "dp2": ["parallel.nproc_per_node=2"],
+    "tp2_sp": ["parallel.nproc_per_node=2", "parallel.tp=2", "parallel.sequence_parallel=true", "train.grad_accum=2"],
+    # Sequence parallelism across pipeline stages, and the GPipe order kept for comparison.
     "tp2pp2": ["parallel.nproc_per_node=4", "parallel.tp=2", "parallel.pp=2", "train.grad_accum=2",
-               "parallel.pp_schedule=gpipe"],
+               "parallel.sequence_parallel=true", "parallel.pp_schedule=gpipe"],
     "dp2_distopt": ["parallel.nproc_per_node=2", "parallel.distributed_optimizer=true"],
     # Overlapped DP reduction while the shared middle block reports one gradient event per recomputed loop.
     "dp2_overlap_recompute": ["parallel.nproc_per_node=2", "parallel.overlap_grad_reduce=true", "train.recompute=loop",
@@ -39,8 +41,9 @@ LAYOUTS = {  # name: overrides (every run unties the head; tied embeddings under
 # The transformer (one pass, unrolled depth) runs the same TP / pipeline code as the hyperloop; its
 # combined layout covers it. DP alone is tests/test_train.py's.
 KIND_LAYOUTS = {
-    "hyperloop": ["single", "tp2", "pp2", "tp2pp2", "dp2_distopt", "dp2_overlap_recompute"],
+    "hyperloop": ["single", "tp2", "tp2_sp", "pp2", "tp2pp2", "dp2_distopt", "dp2_overlap_recompute"],
     "transformer": ["single", "tp2pp2"],
+    "mhc": ["single", "pp2"],  # its n-stream state and per-sub-layer hyper-connections split over the stages
 }
 
 
