@@ -63,7 +63,8 @@ BAD = [
      "valid parallel.pp: 1, 2, 3, 6"),
     (["parallel.pp=2", "parallel.pp_schedule=interleaved"], "parallel.pp_schedule='interleaved': must be one of "
                                                              "'1f1b', 'gpipe'"),
-    (["parallel.pp=2", "model.kind=mhc", "model.tie_embeddings=false"], "parallel.pp=2 with model.kind='mhc'"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true with tp=1, engine='megatron': sequence "
+                                          "parallelism splits the sequence over the tensor-parallel ranks"),
     (["parallel.pp=2", "model.tie_embeddings=false", "parallel.overlap_grad_reduce=true"],
      "parallel.overlap_grad_reduce=true with parallel.pp=2: not offered"),
     (["train.recompute=full"], "train.recompute='full': must be one of 'none', 'loop'"),
