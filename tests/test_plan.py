@@ -63,6 +63,21 @@ def test_plan_ranks_fitting_layouts_and_scales_with_the_cluster(capsys) -> None:
     assert main(["plan", "--gpus", "12", "--gpus-per-node", "8"]) == 2
 
 
+def test_plan_offers_pipeline_layouts_with_the_1f1b_bound() -> None:
+    """Under 1F1B a stage holds about pp + 2pp/L micro-batches, not grad_accum: PP layouts fit again."""
+    import dataclasses
+
+    cfg = load_config(REPO / "recipes" / "hyperloop-7b.yaml")
+    hw = Hardware(gpus=64, gpu_mem_bytes=80e9)
+    shown = plan(cfg, hw)[:12]
+    piped = [e for e in shown if e.fits and e.layout.pp > 1]
+    assert piped, "no PP layout among the plan's first rows"
+    gpipe = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pp_schedule="gpipe"))
+    lay = piped[0].layout
+    assert lay.grad_accum >= 32  # the large accumulation that GPipe could not hold
+    assert estimate(gpipe, lay, hw).activation_bytes > 8 * piped[0].activation_bytes
+
+
 def test_parse_mem() -> None:
     assert parse_mem("80GB") == 80e9 and parse_mem("40GiB") == 40 * 2**30 and parse_mem("141") == 141e9
     with pytest.raises(ConfigError, match="--gpu-mem"):
