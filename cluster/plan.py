@@ -132,8 +132,12 @@ def stage_layers(m: ModelConfig, pp: int, stage: int) -> tuple[int, int]:
 def params_on_stage(split: ParamSplit, m: ModelConfig, tp: int, pp: int, stage: int) -> int:
     held, _ = stage_layers(m, pp, stage)
     n = held * (split.layer_sharded // tp + split.layer_replicated)
+    if m.kind == "mhc":  # one hyper-connection per sub-layer, held with its layer (under PP too)
+        n += split.hc_total * held // (m.begin_layers + m.loops * m.middle_layers + m.end_layers)
+    elif stage == 0:
+        n += split.hc_total
     if stage == 0:
-        n += split.embedding // tp + split.hc_total
+        n += split.embedding // tp
     if stage == pp - 1:
         n += split.final_norm + (split.head // tp if split.head else (split.embedding // tp if pp > 1 else 0))
     return n
