@@ -5,7 +5,10 @@ stage (embedding, begin block), crosses the ring of slices once per loop pass an
 stage (end block, head, loss). The loop boundary (hyper-connection read / write, loop embedding) runs on
 the first stage, which keeps the n-stream residual of every micro-batch in flight: only the d-wide block
 input/output crosses stages, n times less traffic than shipping the stream state. The ``transformer``
-kind runs the same schedule with one pass over its unrolled middle block (plain pipeline parallelism).
+kind runs the same schedule with one pass over its unrolled middle block (plain pipeline parallelism);
+``mhc`` too, but its residual is the n-stream state, so that is what crosses stages. Under sequence
+parallelism a stage sends its TP rank's sequence shard. A tied head keeps a copy of the embedding on the
+last stage (``parallel/tied_embedding.py``).
 
 Schedule (``parallel.pp_schedule``, ``parallel/pipeline_schedule.py``): forwards run in Megatron's
 interleaved order (micro-batches in groups of P, inside a group pass by pass: the L virtual chunks per rank
