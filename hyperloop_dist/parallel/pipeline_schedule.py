@@ -17,16 +17,19 @@ inside a group pass by pass (the ``L`` passes play the ``L`` virtual chunks, her
 * ``gpipe``: every forward, then every backward in reverse. A rank holds ``m·L`` slice activations
   (``m`` = micro-batches of the step): memory grows with ``grad_accum``.
 * ``1f1b``: a greedy list schedule on unit-time tasks. A rank runs a ready backward when it has one, else
-  its next forward if fewer than ``W_r`` forwards are in flight (run, backward not yet run). The bound
-  is the smallest that never delays a forward the unbounded schedule would run: the first backward
-  of a rank waits for micro-batch 0 to finish its whole chain, and in the interleaved order each rank
-  has started the ``L·P`` forwards of the first group plus those it can run while the chain returns:
+  its next forward if fewer than ``W_r`` forwards are in flight (run, backward not yet run). Derivation:
+  a rank's first backward waits for micro-batch 0 to finish its whole chain; in the interleaved order a
+  rank has by then started the ``L·P`` forwards of the first group, plus the ones it runs while the
+  chain travels back (two per stage still ahead of it, as in Megatron's warm-up):
 
       W_r = L·P + 2·(P - 1 - r) + 1  (slice activations; plus the one B0 / H task on the first / last stage)
 
   which is Megatron's interleaved warm-up ``(L-1)·P + 2·(P-1-r)`` plus the ``P`` forwards a ring pass
-  adds. In micro-batches (``L`` slices each) that is about ``P + 2(P-1)/L``: independent of ``m``.
-  :func:`max_in_flight` measures it on the built schedule; tests check it against this bound.
+  adds, plus the one forward of the steady state. In micro-batches (``L`` slices each) that is about
+  ``P + 2P/L``: independent of ``m``. Preferring ready backwards already keeps the greedy order under
+  the cap (the measured peak, :func:`max_in_flight`, is at or below ``W_r`` and stops growing once
+  ``m >= 2P``; ``tests/test_pipeline_schedule.py`` checks both), so the cap is a guarantee that never
+  delays work.
 
 The bubble is the same for both orders (1F1B only bounds memory).
 """
