@@ -65,7 +65,8 @@ def test_every_task_once_and_no_deadlock(schedule: str, stages: int, passes: int
 def test_1f1b_in_flight_is_bounded_independently_of_grad_accum(stages: int, passes: int, micro: int) -> None:
     small, large = build("1f1b", stages, passes, micro), build("1f1b", stages, passes, 4 * micro)
     for r in range(stages):
-        assert max_in_flight(large[r]) <= in_flight_bound(stages, r, passes)
+        # strictly below: the cap was never reached, so it never delayed a forward
+        assert max_in_flight(large[r]) < in_flight_bound(stages, r, passes)
         if micro >= 2 * stages:  # past the first groups the peak no longer grows
             assert max_in_flight(large[r]) == max_in_flight(small[r])
         gpipe = build("gpipe", stages, passes, 4 * micro)[r]

@@ -27,7 +27,7 @@ inside a group pass by pass (the ``L`` passes play the ``L`` virtual chunks, her
   which is Megatron's interleaved warm-up ``(L-1)·P + 2·(P-1-r)`` plus the ``P`` forwards a ring pass
   adds, plus the one forward of the steady state. In micro-batches (``L`` slices each) that is about
   ``P + 2P/L``: independent of ``m``. Preferring ready backwards already keeps the greedy order under
-  the cap (the measured peak, :func:`max_in_flight`, is at or below ``W_r`` and stops growing once
+  the cap (the measured peak, :func:`max_in_flight`, stays below ``W_r`` and stops growing once
   ``m >= 2P``; ``tests/test_pipeline_schedule.py`` checks both), so the cap is a guarantee that never
   delays work.
 
