@@ -80,8 +80,9 @@ def measure(recipe: str | None, overrides: list[str]) -> int:
     return peak - base
 
 
-def start(recipe: str | None, overrides: list[str], world: int, device: str = "cpu") -> list[subprocess.Popen]:
-    """Start the worker on ``world`` local processes (collect with :func:`collect`)."""
+def start(recipe: str | None, overrides: list[str], world: int, device: str = "cpu",
+          script: str = __file__) -> list[subprocess.Popen]:
+    """Start ``script --measure`` on ``world`` local processes (collect with :func:`collect`)."""
     from hyperloop_dist.parallel.launch import free_port
 
     port = free_port()
@@ -92,20 +93,25 @@ def start(recipe: str | None, overrides: list[str], world: int, device: str = "c
                "OMP_NUM_THREADS": "1"}
         if device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
-        cmd = [sys.executable, __file__, "--measure", *([recipe] if recipe else []), *overrides]
+        cmd = [sys.executable, script, "--measure", *([recipe] if recipe else []), *overrides]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     return procs
 
 
-def collect(procs: list[subprocess.Popen], timeout: float = 600) -> int:
-    """The largest peak over the ranks, in bytes."""
-    peaks = []
+def collect_rows(procs: list[subprocess.Popen], timeout: float = 600) -> list[dict]:
+    """Each rank's JSON line, in rank order."""
+    rows = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"worker failed ({' '.join(proc.args[3:])}):\n{stderr[-3000:]}")
-        peaks.append(json.loads(stdout.strip().splitlines()[-1])["peak_bytes"])
-    return max(peaks)
+        rows.append(json.loads(stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def collect(procs: list[subprocess.Popen], timeout: float = 600) -> int:
+    """The largest peak over the ranks, in bytes."""
+    return max(row["peak_bytes"] for row in collect_rows(procs, timeout))
 
 
 def estimated(recipe: str | None, overrides: list[str], world: int, device: str) -> int:

@@ -36,9 +36,9 @@ def _worker(rank: int, world: int, port: int, kind: str, loops: int, steps: int,
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from megatron.core import parallel_state as ps
+    from mfu import SyntheticBatches  # (benchmarks/ is on the path: this script's folder)
 
     from hyperloop_dist.config import load_config
-    from hyperloop_dist.data.token_windows import WindowSampler
     from hyperloop_dist.parallel.distributed import init_distributed, shutdown_distributed
     from hyperloop_dist.train.engines.megatron import MegatronEngine
 
@@ -54,9 +54,7 @@ def _worker(rank: int, world: int, port: int, kind: str, loops: int, steps: int,
     info = init_distributed(cfg)
     engine = MegatronEngine(cfg, info)
     pipeline = engine.pipeline
-    tokens = torch.randint(0, cfg.model.vocab_size, (200_000,)).numpy()
-    sampler = WindowSampler(tokens, cfg.model.seq_length, cfg.train.micro_batch_size, cfg.train.grad_accum,
-                            info.dp_size, seed=0)
+    sampler = SyntheticBatches(cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size)
     idle, seconds = [], []
     for step in range(steps):
         engine.step([sampler.next(step, m) for m in range(cfg.train.grad_accum)], step, None)

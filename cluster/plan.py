@@ -21,8 +21,12 @@ Memory per rank = model state + activations, in bytes (all formulas below; docs/
   and, at the end of the forward pass, the logits and their exponentials (``2·4·T·V/tp``) at once.
   Passes: a looped model runs the middle block L times; with ``train.recompute=loop`` only each pass's
   input ``e·T·h`` is kept and one pass's layers are recomputed at a time.
-  Pipeline: our circular pipeline runs all forwards of a step, then all backwards (GPipe order), so a
-  stage holds every micro-batch of the step (``grad_accum``) in flight; ``benchmarks/memory.py`` measures it.
+  Pipeline: a stage holds ``in_flight`` micro-batches' activations (``parallel/pipeline_schedule.py``).
+  Under 1F1B (``parallel.pp_schedule``, the default) that is ``min(m, W_r / L)`` with the schedule's cap
+  ``W_r = L·P + 2(P-1-r) + 1`` slices on stage r (one slice = one pass through the stage's layers; +1 on the
+  first and last stage for the final boundary / head task), about
+  ``P + 2P/L`` micro-batches whatever ``grad_accum`` is; under GPipe all ``m = grad_accum``.
+  ``benchmarks/memory.py`` and ``benchmarks/pipeline_memory.py`` measure it.
 
 Step time = FLOPs per GPU / (peak FLOP/s x MFU) x (1 + pipeline bubble) x (1 + TP overhead) + the DP
 gradient reduction not hidden behind compute. The FLOPs per token come from ``model/params.py``.
@@ -39,6 +43,7 @@ import torch
 from hyperloop_dist.config import Config, ConfigError, ModelConfig
 from hyperloop_dist.model.params import report
 from hyperloop_dist.model.reference import ReferenceModel
+from hyperloop_dist.parallel.pipeline_schedule import in_flight_microbatches
 from hyperloop_dist.train import engines
 
 GIB = 2**30
@@ -141,14 +146,18 @@ def stage_layers(m: ModelConfig, pp: int, stage: int) -> tuple[int, int]:
 def params_on_stage(split: ParamSplit, m: ModelConfig, tp: int, pp: int, stage: int) -> int:
     held, _ = stage_layers(m, pp, stage)
     n = held * (split.layer_sharded // tp + split.layer_replicated)
+    if m.kind == "mhc":  # one hyper-connection per sub-layer, held with its layer (under PP too)
+        n += split.hc_total * held // m.unique_layers
+    elif stage == 0:
+        n += split.hc_total
     if stage == 0:
-        n += split.embedding // tp + split.hc_total
+        n += split.embedding // tp
     if stage == pp - 1:
         n += split.final_norm + (split.head // tp if split.head else (split.embedding // tp if pp > 1 else 0))
     return n
 
 
-def activation_bytes(m: ModelConfig, tp: int, pp: int, stage: int, micro_batch: int, in_flight: int,
+def activation_bytes(m: ModelConfig, tp: int, pp: int, stage: int, micro_batch: int, in_flight: float,
                      elem: int, recompute: str, flash: bool) -> float:
     """Activations one rank keeps at its peak (see the module docstring)."""
     tokens = micro_batch * m.seq_length
@@ -187,12 +196,13 @@ def estimate(cfg: Config, layout: Layout, hw: Hardware, split: ParamSplit | None
     flops_per_token = flops_per_token or report(m).train_flops_per_token
     bf16 = cfg.train.precision == "bf16"
     elem = 2 if bf16 else 4
-    in_flight = layout.grad_accum if layout.pp > 1 else 1  # GPipe order: the whole step's micro-batches
     worst_total, worst = -1.0, (0, 0.0, 0.0)
     largest_unit = (m.middle_layers if m.looped else 1) * (split.layer_sharded + split.layer_replicated)
     for stage in range(layout.pp):
         n = params_on_stage(split, m, layout.tp, layout.pp, stage)
         state = state_bytes(n, layout.engine, bf16, layout.dp, largest_unit)
+        in_flight = in_flight_microbatches(cfg.parallel.pp_schedule, layout.pp, stage, m.passes,
+                                           layout.grad_accum)
         act = activation_bytes(m, layout.tp, layout.pp, stage, layout.micro_batch, in_flight, elem,
                                layout.recompute, hw.flash_attention)
         if state + act > worst_total:

@@ -45,7 +45,10 @@ def _generic(name: str) -> str:
 def reference_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = ReferenceModel(cfg.model)
-    return {_generic(n): tuple(p.shape) for n, p in model.named_parameters()}
+    shapes = {_generic(n): tuple(p.shape) for n, p in model.named_parameters()}
+    if cfg.model.tie_embeddings:  # under PP the last stage holds the tied head as its own copy
+        shapes.setdefault("output_layer.weight", shapes["embedding.word_embeddings.weight"])
+    return shapes
 
 
 def _check_shapes(model: torch.nn.Module, ref: dict[str, tuple[int, ...]], tp: int, where: str) -> int:
@@ -105,7 +108,8 @@ def validate_layout(cfg: Config, gpus: int, tp: int, pp: int,
                 n = sum(p.numel() for p in model.parameters())
                 if tp_rank == 0:
                     full_equivalent += sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
-                                           for p in model.parameters())
+                                           for p in model.parameters()
+                                           if not getattr(p, "shared", False))  # (a tied head's copy)
             finally:
                 parallel_state.destroy_model_parallel()
                 dist.destroy_process_group()

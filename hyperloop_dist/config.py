@@ -126,6 +126,8 @@ class ParallelConfig:
     nnodes: int = 1
     tp: int = 1
     pp: int = 1
+    pp_schedule: str = "1f1b"  # circular pipeline order: 1f1b (bounded activations) or gpipe (all forwards first)
+    sequence_parallel: bool = False  # with tp > 1: activations between layers split along the sequence over TP
     distributed_optimizer: bool = False  # shard optimizer state over data-parallel ranks (ZeRO-1)
     overlap_grad_reduce: bool = False  # start DP gradient reduction per bucket during the backward pass
     fsdp_shard: str = "full"  # engine fsdp: full (over all ranks) or hybrid (within a node, replicated across)
@@ -468,9 +470,6 @@ def validate(cfg: Config) -> None:
     for i, name in enumerate(t.fusions):
         _one_of(f"train.fusions[{i}]", name, FUSIONS)
     _require(len(set(t.fusions)) == len(t.fusions), f"train.fusions={t.fusions}: names one fusion twice")
-    _require(not t.fusions or p.engine == "megatron",
-             f"train.fusions={t.fusions}: patches Megatron's optimizer and layers, only with "
-             f"parallel.engine=megatron (not {p.engine!r}); remove train.fusions")
     _require(t.run_dir != "", "train.run_dir: must name a directory")
     if t.hang_timeout_s is not None:
         _positive("train.hang_timeout_s", t.hang_timeout_s, zero_ok=True)

@@ -61,9 +61,12 @@ BAD = [
     (["parallel.pp=4", "parallel.nproc_per_node=4", "model.kind=transformer", "model.tie_embeddings=false"],
      "the middle block's 6 layers are split evenly over the pipeline (model.middle_layers x model.loops); "
      "valid parallel.pp: 1, 2, 3, 6"),
-    (["parallel.pp=2"], "parallel.pp=2 with model.tie_embeddings=true: the embedding and head sit on different "
-                        "stages; set model.tie_embeddings=false"),
-    (["parallel.pp=2", "model.kind=mhc", "model.tie_embeddings=false"], "parallel.pp=2 with model.kind='mhc'"),
+    (["parallel.pp=2", "parallel.pp_schedule=interleaved"], "parallel.pp_schedule='interleaved': must be one of "
+                                                             "'1f1b', 'gpipe'"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel=true with tp=1: sequence parallelism splits "
+                                          "the sequence over the tensor-parallel ranks"),
+    (["parallel.engine=fsdp", "parallel.sequence_parallel=true"],
+     "parallel.sequence_parallel=true is a setting of the megatron engine (parallel.engine is 'fsdp')"),
     (["parallel.pp=2", "model.tie_embeddings=false", "parallel.overlap_grad_reduce=true"],
      "parallel.overlap_grad_reduce=true with parallel.pp=2: not offered"),
     (["train.recompute=full"], "train.recompute='full': must be one of 'none', 'loop'"),

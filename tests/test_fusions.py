@@ -143,8 +143,10 @@ def test_bad_switch_names_its_field(override: str, field: str) -> None:
 
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(None, [override])
+    from hyperloop_dist.train import engines
+
     with pytest.raises(ConfigError, match="parallel.engine=megatron"):
-        load_config(None, ["train.fusions=[adamw]", "parallel.engine=fsdp"])
+        engines.validate(load_config(None, ["train.fusions=[adamw]", "parallel.engine=fsdp"]))
 
 
 def test_fused_adamw_refuses_an_optimizer_that_has_stepped() -> None:

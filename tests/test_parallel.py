@@ -7,6 +7,7 @@ trajectory and the weights must not depend on the layout.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -22,12 +23,16 @@ from .helpers import checkpoint, losses, train, weights
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("megatron_world")]
 
 STEPS = 6
-LAYOUTS = {  # name: overrides (pipeline runs need an untied head, so every run unties it)
+LAYOUTS = {  # name: overrides (every run unties the head; tied embeddings under PP have their own test)
     "single": ["parallel.nproc_per_node=1", "train.grad_accum=2"],
     "tp2": ["parallel.nproc_per_node=2", "parallel.tp=2", "train.grad_accum=2"],
-    "pp2": ["parallel.nproc_per_node=2", "parallel.pp=2", "train.grad_accum=2"],
+    # 1F1B (the default schedule) with 8 micro-batches: past warm-up, forwards and backwards alternate.
+    "pp2": ["parallel.nproc_per_node=2", "parallel.pp=2", "train.micro_batch_size=1", "train.grad_accum=8"],
     "dp2": ["parallel.nproc_per_node=2"],
-    "tp2pp2": ["parallel.nproc_per_node=4", "parallel.tp=2", "parallel.pp=2", "train.grad_accum=2"],
+    "tp2_sp": ["parallel.nproc_per_node=2", "parallel.tp=2", "parallel.sequence_parallel=true", "train.grad_accum=2"],
+    # Sequence parallelism across pipeline stages, and the GPipe order kept for comparison.
+    "tp2pp2": ["parallel.nproc_per_node=4", "parallel.tp=2", "parallel.pp=2", "train.grad_accum=2",
+               "parallel.sequence_parallel=true", "parallel.pp_schedule=gpipe"],
     "dp2_distopt": ["parallel.nproc_per_node=2", "parallel.distributed_optimizer=true"],
     # Overlapped DP reduction while the shared middle block reports one gradient event per recomputed loop.
     "dp2_overlap_recompute": ["parallel.nproc_per_node=2", "parallel.overlap_grad_reduce=true", "train.recompute=loop",
@@ -36,8 +41,9 @@ LAYOUTS = {  # name: overrides (pipeline runs need an untied head, so every run 
 # The transformer (one pass, unrolled depth) runs the same TP / pipeline code as the hyperloop; its
 # combined layout covers it. DP alone is tests/test_train.py's.
 KIND_LAYOUTS = {
-    "hyperloop": ["single", "tp2", "pp2", "tp2pp2", "dp2_distopt", "dp2_overlap_recompute"],
+    "hyperloop": ["single", "tp2", "tp2_sp", "pp2", "tp2pp2", "dp2_distopt", "dp2_overlap_recompute"],
     "transformer": ["single", "tp2pp2"],
+    "mhc": ["single", "pp2"],  # its n-stream state and per-sub-layer hyper-connections split over the stages
 }
 
 
@@ -67,6 +73,27 @@ def test_layout_matches_single_process(runs: dict, kind: str, layout: str) -> No
         torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+def test_tied_embeddings_under_pp_match_data_parallel(dp2_run: tuple[Path, str], tiny_data: list[str],
+                                                      tmp_path: Path) -> None:
+    """The tied embedding on stage 0 and its head copy on stage 1 (embedding-group gradient all-reduce)
+    train as the one tied matrix of the session's tied DP2 run (itself the single-process run): same
+    losses, same gradient norm (the copy counted once)."""
+    from .conftest import DP2_12
+
+    pp2 = [*(o for o in DP2_12 if not o.startswith(("parallel.", "train.save"))), "parallel.nproc_per_node=2",
+           "parallel.pp=2", "train.grad_accum=2", "train.save_interval=0"]
+    train([*tiny_data, *pp2], tmp_path / "run")
+    ref = _rows(dp2_run[0])
+    for step, row in _rows(tmp_path / "run").items():
+        assert row["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step
+        assert row["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step
+
+
+def _rows(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
 def _resume_copy(run_dir: Path, step: int, dest: Path) -> Path:
     (dest / "checkpoints").mkdir(parents=True)
     shutil.copytree(checkpoint(run_dir, step), checkpoint(dest, step))
@@ -75,7 +102,8 @@ def _resume_copy(run_dir: Path, step: int, dest: Path) -> Path:
 
 
 @pytest.mark.parametrize(("source", "target"),
-                         [("tp2", "single"), ("tp2", "pp2"), ("pp2", "single"), ("dp2_distopt", "dp2_distopt")])
+                         [("tp2", "single"), ("tp2", "pp2"), ("pp2", "single"), ("pp2", "tp2"),
+                          ("dp2_distopt", "dp2_distopt")])
 def test_resume_under_another_layout_continues_the_same_run(runs: dict, tiny_data: list[str], tmp_path: Path,
                                                             source: str, target: str) -> None:
     """Saved at step 3 under `source`, resumed under `target`: steps 4-6 as in the uninterrupted run."""

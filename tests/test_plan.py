@@ -63,6 +63,21 @@ def test_plan_ranks_fitting_layouts_and_scales_with_the_cluster(capsys) -> None:
     assert main(["plan", "--gpus", "12", "--gpus-per-node", "8"]) == 2
 
 
+def test_plan_offers_pipeline_layouts_with_the_1f1b_bound() -> None:
+    """Under 1F1B a stage holds about pp + 2pp/L micro-batches, not grad_accum: PP layouts fit again."""
+    import dataclasses
+
+    cfg = load_config(REPO / "recipes" / "hyperloop-7b.yaml")
+    hw = Hardware(gpus=64, gpu_mem_bytes=80e9)
+    shown = plan(cfg, hw)[:12]
+    piped = [e for e in shown if e.fits and e.layout.pp > 1]
+    assert piped, "no PP layout among the plan's first rows"
+    gpipe = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pp_schedule="gpipe"))
+    lay = piped[0].layout
+    assert lay.grad_accum >= 32  # the large accumulation that GPipe could not hold
+    assert estimate(gpipe, lay, hw).activation_bytes > 8 * piped[0].activation_bytes
+
+
 def test_parse_mem() -> None:
     assert parse_mem("80GB") == 80e9 and parse_mem("40GiB") == 40 * 2**30 and parse_mem("141") == 141e9
     with pytest.raises(ConfigError, match="--gpu-mem"):
@@ -125,14 +140,19 @@ def _assert_own_layout_fits(cfg: Config, name: str) -> None:
 @pytest.mark.slow
 def test_validate_builds_every_shard_of_a_1024_gpu_layout() -> None:
     """tp=2 x pp=2 x dp=256 of the 7B recipe: each (TP rank, stage) shard built as its rank would build it,
-    in a fresh process (fake process groups must not meet the session's real one)."""
+    in a fresh process (fake process groups must not meet the session's real one); then TP2 x PP2 of the
+    tiny recipe (tied embeddings) and of its mhc."""
     code = ("from hyperloop_dist.cluster.validate import validate_layout\n"
             "from hyperloop_dist.config import load_config\n"
             f"cfg = load_config({str(REPO / 'recipes' / 'hyperloop-7b.yaml')!r})\n"
             "checks = validate_layout(cfg, 1024, 2, 2)\n"
-            "print('SHARDS', [(c.rank, c.tp_rank, c.stage, c.params) for c in checks])\n")
+            "print('SHARDS', [(c.rank, c.tp_rank, c.stage, c.params) for c in checks])\n"
+            # a tied head's last-stage copy, mHC's hyper-connections split with their layers
+            "for extra in ([], ['model.kind=mhc']):\n"
+            "    validate_layout(load_config(None, ['parallel.nproc_per_node=4', *extra]), 4, 2, 2)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    shards = ast.literal_eval(proc.stdout.split("SHARDS ")[1].strip())
+    shards = ast.literal_eval(proc.stdout.split("SHARDS ")[1].splitlines()[0])
     assert [(r, t, s) for r, t, s, _ in shards] == [(0, 0, 0), (1, 1, 0), (512, 0, 1), (513, 1, 1)]
     assert "add up to the model's 7,393.4M parameters" in proc.stdout
+    assert proc.stdout.count("all 2 stages x 2 TP shards add up") == 3

@@ -27,9 +27,19 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 from megatron.core.utils import get_pg_rank
 
 from hyperloop_dist.config import ModelConfig
-from hyperloop_dist.model.hyper_connections import Block, Carry, loop_boundary, num_passes, run_body
+from hyperloop_dist.model.hyper_connections import (
+    Block,
+    Carry,
+    collapse_streams,
+    expand_streams,
+    loop_boundary,
+    num_passes,
+    run_body,
+)
 from hyperloop_dist.model.layout import block_sizes, make_hyper_connections, make_loop_embedding
-from hyperloop_dist.parallel import cpu_shim
+from hyperloop_dist.parallel import cpu_shim, sequence_parallel
+from hyperloop_dist.parallel.sequence_parallel import SequenceParallelTorchNorm
+from hyperloop_dist.parallel.tied_embedding import tie_across_stages, tie_in_checkpoint
 
 
 def transformer_config(cfg: ModelConfig, tp: int = 1, precision: str = "fp32",
@@ -92,9 +102,11 @@ def layer_spec(backend: str = "auto") -> tuple[ModuleSpec, type]:
 
         return get_gpt_layer_with_transformer_engine_spec(), TENorm
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # Megatron's torch norm refuses sequence parallelism; ours marks its weight for the SP all-reduce.
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(
+        spec.submodules, input_layernorm=SequenceParallelTorchNorm, pre_mlp_layernorm=SequenceParallelTorchNorm))
     if backend == "sdpa":
         from hyperloop_dist.model.attention import SDPAttention
 
@@ -102,7 +114,7 @@ def layer_spec(backend: str = "auto") -> tuple[ModuleSpec, type]:
         attn = spec.submodules.self_attention
         attn = dataclasses.replace(attn, submodules=dataclasses.replace(attn.submodules, core_attention=SDPAttention))
         spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
-    return spec, WrappedTorchNorm
+    return spec, SequenceParallelTorchNorm
 
 
 @contextlib.contextmanager
@@ -170,10 +182,10 @@ class HyperloopModel(MegatronModule):
                  recompute: bool = False, seed: int = 1234) -> None:
         super().__init__(config=config)
         self.cfg, self.stage, self.recompute = cfg, stage, recompute
-        # Read by Megatron's finalize_model_grads (GPTModel's names). Tied embeddings are refused under
-        # pipeline parallelism at config load, so no embedding gradient crosses stages.
+        # Read by Megatron's finalize_model_grads (GPTModel's names): with tied embeddings under PP it
+        # all-reduces the gradient of shared_embedding_or_output_weight() over the embedding group.
         self.pre_process, self.post_process = stage.first, stage.last
-        self.share_embeddings_and_output_weights = cfg.tie_embeddings and stage.size == 1
+        self.share_embeddings_and_output_weights = cfg.tie_embeddings
         spec, norm_cls = layer_spec(cfg.attention_backend)
         sizes = block_sizes(cfg)
 
@@ -203,9 +215,13 @@ class HyperloopModel(MegatronModule):
                                                         position_embedding_type="rope")
             self.begin = block(sizes["begin"], "begin")
         self.middle = TransformerBlock(middle_config, seeded_spec(spec, seed, "middle"), post_layer_norm=False)
-        if stage.first:
+        if stage.first or cfg.kind == "mhc":
             with seeded(seed, "hc"):
                 self.hc = make_hyper_connections(cfg)
+            if cfg.kind == "mhc" and stage.size > 1:
+                # mHC under PP: each stage keeps the hyper-connections of its own sub-layers, under their
+                # global index (``hc.<i>``, the single-process keys, so checkpoints reshard).
+                self.hc = torch.nn.ModuleDict({str(i): self.hc[i] for i in mhc_stage_indices(cfg, stage)})
             self.loop_embedding = make_loop_embedding(cfg)
         if stage.last:
             self.end = block(sizes["end"], "end")
@@ -213,23 +229,54 @@ class HyperloopModel(MegatronModule):
             with seeded(seed, "output_layer"):
                 self.output_layer = tensor_parallel.ColumnParallelLinear(
                     cfg.hidden_size, cfg.vocab_size, config=config, init_method=config.init_method, bias=False,
-                    gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
+                    gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings and stage.first,
                 )
+        if cfg.tie_embeddings and stage.size > 1:
+            tie_across_stages(self)
+        if config.sequence_parallel:  # applied to this rank's tokens only: gradients summed over TP
+            sequence_parallel.mark([*self.hc.parameters(), *([self.loop_embedding] if self.loop_embedding is not None
+                                                             else [])])
         # Every parameter in the training dtype (HC, loop embedding too): Megatron's mixed-precision optimizer
         # maps its fp32 master copies to model parameters assuming all of them are half precision.
         if config.params_dtype != torch.float32:
             for p in self.parameters():
                 p.data = p.data.to(config.params_dtype)
 
+    def shared_embedding_or_output_weight(self) -> torch.nn.Parameter | None:
+        """The tied embedding on this stage: the embedding (first stage) or the head's copy (last stage)."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight if self.post_process else None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None,
+                           ) -> dict:
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.cfg.tie_embeddings and self.stage.size > 1:
+            tie_in_checkpoint(self, state, prefix)
+        return state
+
     def blocks(self) -> list[TransformerBlock]:
         return [b for b in (self.begin, self.middle, self.end) if b is not None]
 
     def _run(self, blk: TransformerBlock, x: torch.Tensor) -> torch.Tensor:
-        seq = x.shape[0]
+        seq = sequence_parallel.full_length(self.config, x)
         return blk(x, attention_mask=cpu_shim.causal_mask(seq), rotary_pos_emb=self.rotary(seq))
+
+    def _run_mhc(self, blk: TransformerBlock | None, state: torch.Tensor, first_layer: int) -> torch.Tensor:
+        """mHC under PP: the n-stream state through ``blk``'s sub-layers, each in its hyper-connection
+        (``first_layer``: global index of the block's first layer in the whole stack)."""
+        if blk is None:
+            return state
+        for i, layer in enumerate(blk.layers):
+            local = layer.layer_number - 1 if blk is self.middle else i  # the middle slice numbers globally
+            for j, branch in enumerate(sub_layer_branches(layer, self.rotary)):
+                state = self.hc[str(2 * (first_layer + local) + j)](state, branch)
+        return state
 
     def run_middle(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's middle block (slice); with recompute, activations are kept per loop pass only."""
+        if self.cfg.kind == "mhc":
+            return self._run_mhc(self.middle, x, self.cfg.begin_layers)
         if self.recompute and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._run, self.middle, x, use_reentrant=False)
         return self._run(self.middle, x)
@@ -237,6 +284,8 @@ class HyperloopModel(MegatronModule):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """First stage: embeddings through the begin block, ``[s, b, d]``."""
         x = self.embedding(tokens, position_ids=None)
+        if self.cfg.kind == "mhc":  # (pipelined only) the n-stream state through the begin block
+            return self._run_mhc(self.begin, expand_streams(x, self.cfg.hc.streams), 0)
         return x if self.begin is None else self._run(self.begin, x)
 
     def boundary(self, loop: int, carry: Carry, y: torch.Tensor) -> tuple[Carry, torch.Tensor]:
@@ -247,12 +296,15 @@ class HyperloopModel(MegatronModule):
 
     def finish(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Last stage: end block, norm and head; logits ``[b, s, vocab]`` or per-token loss ``[b, s]``."""
+        if self.cfg.kind == "mhc":  # (pipelined only) ``x`` is the n-stream state
+            end = self._run_mhc(self.end, x, self.cfg.begin_layers + block_sizes(self.cfg)["middle"])
+            return self.head(collapse_streams(end), labels)
         return self.head(x if self.end is None else self._run(self.end, x), labels)
 
     def head(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Last stage: final norm and LM head (see :meth:`finish`)."""
         x = self.final_norm(x)
-        weight = self.embedding.word_embeddings.weight if self.cfg.tie_embeddings else None
+        weight = self.embedding.word_embeddings.weight if self.output_layer.weight is None else None
         logits, _ = self.output_layer(x, weight=weight)
         if labels is None:
             return tensor_parallel.gather_from_tensor_model_parallel_region(logits).transpose(0, 1).contiguous()
@@ -287,13 +339,22 @@ class HyperloopModel(MegatronModule):
         return self.finish(x, labels)
 
 
+def mhc_stage_indices(cfg: ModelConfig, stage: Stage) -> range:
+    """Global indices of the hyper-connections of ``stage``'s sub-layers (two per layer) in an mHC stack."""
+    sizes = block_sizes(cfg)
+    per_stage = sizes["middle"] // stage.size
+    start = 0 if stage.first else 2 * (sizes["begin"] + stage.rank * per_stage)
+    stop = 2 * (sizes["begin"] + (stage.rank + 1) * per_stage + (sizes["end"] if stage.last else 0))
+    return range(start, stop)
+
+
 def sub_layer_branches(layer: TransformerLayer, rotary: RotaryEmbedding) -> tuple[Block, Block]:
     """A Megatron layer's two residual-free branches, ``attn(norm(x))`` and ``mlp(norm(x))``: what the mHC
     baseline wraps, one hyper-connection each. The layer's own modules, called from outside: with the
     Transformer-Engine spec ``input_layernorm`` is an identity and the norm is fused into ``linear_qkv``."""
 
     def attention(h: torch.Tensor) -> torch.Tensor:
-        seq = h.shape[0]
+        seq = sequence_parallel.full_length(layer.config, h)
         out, bias = layer.self_attention(layer.input_layernorm(h), attention_mask=cpu_shim.causal_mask(seq),
                                          rotary_pos_emb=rotary(seq))
         return out if bias is None else out + bias
@@ -306,9 +367,11 @@ def sub_layer_branches(layer: TransformerLayer, rotary: RotaryEmbedding) -> tupl
 
 
 def build_model(cfg: ModelConfig, tp: int = 1, stage: Stage = Stage(), precision: str = "fp32",
-                recompute: bool = False, seed: int = 1234, fusions: Sequence[str] = ()) -> HyperloopModel:
+                recompute: bool = False, seed: int = 1234, fusions: Sequence[str] = (),
+                sequence_parallel: bool = False) -> HyperloopModel:
     """Build the Megatron model (this rank's stage of it) once ``parallel_state`` is initialized."""
-    config = transformer_config(cfg, tp=tp, precision=precision, fusions=fusions)
+    config = transformer_config(cfg, tp=tp, precision=precision, sequence_parallel=sequence_parallel,
+                                fusions=fusions)
     model = HyperloopModel(dataclasses.replace(cfg), config, stage, recompute, seed)
     if cfg.compile == "blocks":
         compile_layer_parts(model)

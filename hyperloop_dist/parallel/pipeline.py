@@ -5,13 +5,18 @@ stage (embedding, begin block), crosses the ring of slices once per loop pass an
 stage (end block, head, loss). The loop boundary (hyper-connection read / write, loop embedding) runs on
 the first stage, which keeps the n-stream residual of every micro-batch in flight: only the d-wide block
 input/output crosses stages, n times less traffic than shipping the stream state. The ``transformer``
-kind runs the same schedule with one pass over its unrolled middle block (plain pipeline parallelism).
+kind runs the same schedule with one pass over its unrolled middle block (plain pipeline parallelism);
+``mhc`` too, but its residual is the n-stream state, so that is what crosses stages. Under sequence
+parallelism a stage sends its TP rank's sequence shard. A tied head keeps a copy of the embedding on the
+last stage (``parallel/tied_embedding.py``).
 
-Schedule: micro-batches go in groups of P (the pipeline size), and inside a group, pass by pass: the shape
-of Megatron's interleaved schedule, whose L virtual chunks per rank here share one module. All forward
-work runs before all backward work (GPipe order), so a rank keeps the activations of all its tasks of
-the step. Sends never block and every rank works through its tasks in one global order
-(group, pass, micro-batch), so a receive always waits on a task that precedes it: no deadlock.
+Schedule (``parallel.pp_schedule``, ``parallel/pipeline_schedule.py``): forwards run in Megatron's
+interleaved order (micro-batches in groups of P, inside a group pass by pass: the L virtual chunks per rank
+here share one module). ``1f1b`` (default) interleaves each backward as soon as it is ready, which caps
+the forwards in flight on a rank at about ``L·P + 2(P-1-r)`` slices (about P micro-batches) whatever
+``grad_accum`` is; ``gpipe`` runs every forward before any backward and so holds all ``m·L``. Sends never
+block, every rank's order is consistent with one global time line, and a receiver reads each channel in
+its sender's order (every rank computes every rank's order): no deadlock, and no tags needed.
 
 Bubble (idle fraction per rank), m micro-batches, P stages, L passes, equal per-stage work:
 circular ``(P - 1) / (m L + P - 1)`` against ``(P - 1) / (m + P - 1)`` for a plain pipeline over the
@@ -22,6 +27,7 @@ measures both.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +35,8 @@ import torch.distributed as dist
 
 from hyperloop_dist.model.hyper_connections import num_passes
 from hyperloop_dist.model.hyperloop import HyperloopModel
+from hyperloop_dist.parallel.pipeline_schedule import Message, Task, consumer_of, messages, producer_of
+from hyperloop_dist.parallel.pipeline_schedule import build as build_schedule
 
 
 def bubble_fraction(stages: int, microbatches: int, passes: int) -> float:
@@ -37,15 +45,11 @@ def bubble_fraction(stages: int, microbatches: int, passes: int) -> float:
 
 
 @dataclass
-class _Task:
-    kind: str  # "F": a pass through this rank's slice, "B0": the final boundary, "H": end block + loss
-    loop: int
-    micro: int
+class _Live:
+    """A forward task's tensors until its backward runs."""
+    output: torch.Tensor  # the loss (H) or what went to the next stage
     remote_input: torch.Tensor | None = None  # leaf received from another stage
-    remote_source: int | None = None
     carry_inputs: tuple[torch.Tensor, ...] = ()  # leaves of the local loop-boundary state
-    output: torch.Tensor | None = None
-    output_target: int | None = None  # rank the output went to (its gradient comes back from there)
     carry_output: tuple[torch.Tensor, ...] = ()
 
 
@@ -63,111 +67,79 @@ class PipelineStats:
 class CircularPipeline:
     """Runs forward and backward of one optimizer step's micro-batches on this pipeline rank."""
 
-    def __init__(self, model: HyperloopModel, micro_batch_size: int) -> None:
+    def __init__(self, model: HyperloopModel, micro_batch_size: int, schedule: str = "1f1b") -> None:
         from megatron.core import parallel_state as ps
 
         self.model = model
         cfg = model.cfg
+        self.schedule = schedule
         self.size = ps.get_pipeline_model_parallel_world_size()
         self.rank = ps.get_pipeline_model_parallel_rank()
-        self.next_rank = ps.get_pipeline_model_parallel_next_rank()
-        self.prev_rank = ps.get_pipeline_model_parallel_prev_rank()
-        self.first_rank = ps.get_pipeline_model_parallel_first_rank()
-        self.last_rank = ps.get_pipeline_model_parallel_last_rank()
         self.group = ps.get_pipeline_model_parallel_group()
+        self.ranks = dist.get_process_group_ranks(self.group)  # pipeline rank -> global rank
+        self.next_rank = self.ranks[(self.rank + 1) % self.size]
+        self.prev_rank = self.ranks[(self.rank - 1) % self.size]
+        self.first_rank, self.last_rank = self.ranks[0], self.ranks[-1]
         self.first, self.last = self.rank == 0, self.rank == self.size - 1
         self.passes = num_passes(cfg.kind, cfg.loops)
-        self.shape = (cfg.seq_length, micro_batch_size, cfg.hidden_size)
+        self.shape = (self._length(cfg.seq_length), micro_batch_size, *self._width())
         self.dtype = model.config.params_dtype
-        self._sends: list[dist.Work] = []
+        self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self._inbox: dict[Message, torch.Tensor] = {}
+        self._channels: dict[int, deque[Message]] = {}
         self.stats = PipelineStats()
 
     # ------------------------------------------------------------------ communication
 
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
+        # Drop finished sends as we go: holding every sent tensor to the end of the step would keep the
+        # activations 1F1B has already freed.
+        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
         tensor = tensor.detach().contiguous()
-        self._sends.append((dist.isend(tensor, dst), tensor))
+        self._sends.append((dist.isend(tensor, self.ranks[dst]), tensor))
 
-    def _recv(self, src: int) -> torch.Tensor:
-        buf = torch.empty(self.shape, dtype=self.dtype, device=self._device())
+    def _recv(self, src: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Blocking receive from global rank ``src`` (idle time counted in :attr:`stats`)."""
+        buf = torch.empty(shape or self.shape, dtype=self.dtype, device=self._device())
         start = time.perf_counter()
         dist.recv(buf, src)
         self.stats.wait_s += time.perf_counter() - start
         return buf
 
+    def _take(self, message: Message, src: int) -> torch.Tensor:
+        """``message`` from pipeline rank ``src``; earlier messages on that channel are read and kept."""
+        while message not in self._inbox:
+            self._inbox[self._channels[src].popleft()] = self._recv(self.ranks[src])
+        return self._inbox.pop(message)
+
     # ------------------------------------------------------------------ schedule
 
-    def order(self, micro_batches: int) -> list[tuple[str, int, int]]:
-        """This rank's tasks in the global (group, pass, micro-batch) order."""
-        tasks = []
-        for group_start in range(0, micro_batches, self.size):
-            group = range(group_start, min(group_start + self.size, micro_batches))
-            for loop in range(self.passes + 1):
-                for k in group:
-                    if loop < self.passes:
-                        tasks.append(("F", loop, k))
-                    elif self.first:
-                        tasks.append(("B0", loop, k))
-                    elif self.last:
-                        tasks.append(("H", loop, k))
-        return tasks
+    def order(self, micro_batches: int) -> tuple[Task, ...]:
+        """This rank's tasks (forward and backward) for a step of ``micro_batches``."""
+        return build_schedule(self.schedule, self.size, self.passes, micro_batches)[self.rank]
 
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Forward + backward of all ``batches`` (micro-batches); returns their mean loss on every stage.
 
-        Gradients accumulate into the model's parameters, scaled as ``mean over micro-batches``.
+        Gradients accumulate into the model's parameters, scaled as ``mean over micro-batches``; those of
+        the shared middle block gather all L passes of every micro-batch before the caller's DP reduction.
         """
         start = time.perf_counter()
         self.stats = PipelineStats()
         m = len(batches)
+        orders = build_schedule(self.schedule, self.size, self.passes, m)
+        self._channels = {src: deque(msg for msg, dst in messages(orders[src], src, self.size, self.passes)
+                                     if dst == self.rank) for src in range(self.size) if src != self.rank}
         carries: dict[int, tuple[torch.Tensor, ...]] = {}
-        done: list[_Task] = []
-        losses: list[torch.Tensor] = []
-        for kind, loop, k in self.order(m):
-            task = _Task(kind, loop, k)
-            if kind == "H":
-                x = self._leaf_from(task, self.first_rank)
-                loss = self.model.finish(x, batches[k][1].to(x.device)).mean()
-                losses.append(loss.detach())
-                task.output = loss / m
-            elif kind == "B0" or self.first:
-                if loop == 0:
-                    y = self.model.embed(batches[k][0].to(self._device()))
-                else:
-                    y = self._leaf_from(task, self.last_rank)
-                task.carry_inputs = tuple(t.detach().requires_grad_() for t in carries.pop(k, ()))
-                carry, x = self.model.boundary(loop, task.carry_inputs or None, y)
-                task.carry_output = carry or ()
-                if carry:
-                    carries[k] = carry
-                if kind == "B0":
-                    task.output, task.output_target = x, self.last_rank
-                else:
-                    task.output, task.output_target = self.model.run_middle(x), self._forward_target()
-            else:
-                x = self._leaf_from(task, self.prev_rank)
-                task.output, task.output_target = self.model.run_middle(x), self._forward_target()
-            if task.output_target is not None:
-                self._send(task.output, task.output_target)
-            done.append(task)
-
         carry_grads: dict[int, tuple[torch.Tensor | None, ...]] = {}
-        for task in reversed(done):
-            outputs, grads = [task.output], [None]
-            if task.kind == "H":
-                grads[0] = torch.ones_like(task.output)
+        live: dict[Task, _Live] = {}
+        losses: list[torch.Tensor] = []
+        for task in orders[self.rank]:
+            if task.backward:
+                self._backward(task, live.pop(task.forward), carry_grads)
             else:
-                grads[0] = self._recv(task.output_target)
-            if task.carry_output:
-                outputs.extend(task.carry_output)
-                grads.extend(carry_grads.pop(task.micro, (None,) * len(task.carry_output)))
-            pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None and o.requires_grad]
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            if task.carry_inputs:
-                carry_grads[task.micro] = tuple(t.grad for t in task.carry_inputs)
-            if task.remote_input is not None:
-                grad = task.remote_input.grad
-                self._send(grad if grad is not None else torch.zeros_like(task.remote_input), task.remote_source)
+                live[task] = self._forward(task, batches, carries, losses)
+        assert not live and not self._inbox, "pipeline schedule left work behind"
 
         for work, _ in self._sends:
             work.wait()
@@ -177,6 +149,50 @@ class CircularPipeline:
         self.stats.total_s = time.perf_counter() - start
         return float(mean)
 
+    def _forward(self, task: Task, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                 carries: dict[int, tuple[torch.Tensor, ...]], losses: list[torch.Tensor]) -> _Live:
+        k = task.micro
+        source = producer_of(task, self.rank, self.size, self.passes)
+        remote = None
+        if source is not None:
+            remote = self._take(Message(source[0], grad=False), source[1]).requires_grad_()
+        if task.kind == "H":
+            loss = self.model.finish(remote, batches[k][1].to(remote.device)).mean()
+            losses.append(loss.detach())
+            return _Live(loss / len(batches), remote)
+        if self.first:
+            y = self.model.embed(batches[k][0].to(self._device())) if remote is None else remote
+            carry_inputs = tuple(t.detach().requires_grad_() for t in carries.pop(k, ()))
+            carry, x = self.model.boundary(task.loop, carry_inputs or None, y)
+            if carry:
+                carries[k] = carry
+            live = _Live(x if task.kind == "B0" else self.model.run_middle(x), remote, carry_inputs, carry or ())
+        else:
+            live = _Live(self.model.run_middle(remote), remote)
+        target = consumer_of(task, self.rank, self.size, self.passes)
+        self._send(live.output, target[1])
+        return live
+
+    def _backward(self, task: Task, live: _Live, carry_grads: dict[int, tuple[torch.Tensor | None, ...]]) -> None:
+        k = task.micro
+        outputs = [live.output]
+        if task.kind == "H":
+            grads: list[torch.Tensor | None] = [torch.ones_like(live.output)]
+        else:
+            grads = [self._take(Message(task.forward, grad=True),
+                                consumer_of(task.forward, self.rank, self.size, self.passes)[1])]
+        if live.carry_output:
+            outputs.extend(live.carry_output)
+            grads.extend(carry_grads.pop(k, (None,) * len(live.carry_output)))
+        pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None and o.requires_grad]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if live.carry_inputs:
+            carry_grads[k] = tuple(t.grad for t in live.carry_inputs)
+        if live.remote_input is not None:
+            grad = live.remote_input.grad
+            self._send(grad if grad is not None else torch.zeros_like(live.remote_input),
+                       producer_of(task.forward, self.rank, self.size, self.passes)[1])
+
     def token_nll(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward only, one micro-batch: per-token loss ``[b, s]`` on every stage (for evaluation).
 
@@ -184,12 +200,7 @@ class CircularPipeline:
         last), one micro-batch at a time with blocking sends; the last stage broadcasts the loss.
         """
         device = self._device()
-        shape = (tokens.shape[1], tokens.shape[0], self.model.cfg.hidden_size)
-
-        def recv(src: int) -> torch.Tensor:
-            buf = torch.empty(shape, dtype=self.dtype, device=device)
-            dist.recv(buf, src)
-            return buf
+        shape = (self._length(tokens.shape[1]), tokens.shape[0], *self._width())
 
         with torch.no_grad():
             y, carry = (self.model.embed(tokens.to(device)) if self.first else None), None
@@ -198,14 +209,14 @@ class CircularPipeline:
                     carry, x = self.model.boundary(loop, carry, y)
                 if loop == self.passes:
                     break
-                x = x if self.first else recv(self.prev_rank)
+                x = x if self.first else self._recv(self.prev_rank, shape)
                 dist.send(self.model.run_middle(x).contiguous(), self._forward_target())
                 if self.first:
-                    y = recv(self.last_rank)
+                    y = self._recv(self.last_rank, shape)
             if self.first:
                 dist.send(x.contiguous(), self.last_rank)
             if self.last:
-                loss = self.model.finish(recv(self.first_rank), labels.to(device)).float()
+                loss = self.model.finish(self._recv(self.first_rank, shape), labels.to(device)).float()
             else:
                 loss = torch.empty(labels.shape, dtype=torch.float32, device=device)
         dist.broadcast(loss, self.last_rank, group=self.group)
@@ -215,10 +226,15 @@ class CircularPipeline:
         # The last slice hands its output back to the first stage: the loop boundary.
         return self.first_rank if self.last else self.next_rank
 
-    def _leaf_from(self, task: _Task, src: int) -> torch.Tensor:
-        task.remote_input = self._recv(src).requires_grad_()
-        task.remote_source = src
-        return task.remote_input
+    def _length(self, seq: int) -> int:
+        # Under sequence parallelism a stage sends its TP rank's share of the sequence.
+        config = self.model.config
+        return seq // config.tensor_model_parallel_size if config.sequence_parallel else seq
+
+    def _width(self) -> tuple[int, ...]:
+        # mHC wraps every sub-layer, so its n-stream state crosses stages; the other kinds send d wide.
+        cfg = self.model.cfg
+        return (cfg.hc.streams, cfg.hidden_size) if cfg.kind == "mhc" else (cfg.hidden_size,)
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device

@@ -45,6 +45,10 @@ def validate(cfg: Config) -> None:
                                      f"parallel.engine={other.name}")
     require(engine.supports_tp or p.tp == 1, _unsupported(engine, "tp", p.tp))
     require(engine.supports_pp or p.pp == 1, _unsupported(engine, "pp", p.pp))
+    fusing = [e.name for e in ENGINES.values() if e.supports_fusions]
+    require(engine.supports_fusions or not cfg.train.fusions,
+            f"train.fusions={cfg.train.fusions}: these patch Megatron's optimizer and layers, only with "
+            f"parallel.engine={' or '.join(fusing)} (not {p.engine!r}); remove train.fusions")
     engine.check_config(cfg)
 
 

@@ -67,6 +67,7 @@ class Engine:
     # ParallelConfig fields only this engine reads, with the value that means "unused" for the others.
     settings: ClassVar[dict[str, Any]] = {}
     plan_variants: ClassVar[tuple[PlanVariant, ...]] = ()
+    supports_fusions: ClassVar[bool] = False  # train.fusions patches Megatron's optimizer and layers
 
     model: torch.nn.Module  # unwrapped: what evaluation and parameter counts see
     optimizer: Any

@@ -43,7 +43,9 @@ class MegatronEngine(Engine):
     name = "megatron"
     checkpoint_dir = "dist"
     supports_tp = supports_pp = True
-    settings = {"distributed_optimizer": False, "overlap_grad_reduce": False}
+    settings = {"distributed_optimizer": False, "overlap_grad_reduce": False, "pp_schedule": "1f1b",
+                "sequence_parallel": False}
+    supports_fusions = True
     plan_variants = (PlanVariant("megatron", {"distributed_optimizer": False}),
                      PlanVariant("megatron+distopt", {"distributed_optimizer": True}))
 
@@ -59,7 +61,8 @@ class MegatronEngine(Engine):
         stage = Stage(rank=parallel_state.get_pipeline_model_parallel_rank(), size=cfg.parallel.pp)
         apply_process_fusions(cfg.train.fusions)
         model = build_model(cfg.model, tp=cfg.parallel.tp, stage=stage, precision=cfg.train.precision,
-                            recompute=cfg.train.recompute == "loop", seed=cfg.train.seed, fusions=cfg.train.fusions)
+                            recompute=cfg.train.recompute == "loop", seed=cfg.train.seed, fusions=cfg.train.fusions,
+                            sequence_parallel=cfg.parallel.sequence_parallel)
         distopt = cfg.parallel.distributed_optimizer
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                    overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
@@ -78,20 +81,25 @@ class MegatronEngine(Engine):
             use_fused_adamw(self.optimizer)
         self.scheduler = lr_scheduler(cfg, self.optimizer)
         self.model: HyperloopModel = self.ddp.module
-        self.pipeline = CircularPipeline(self.model, cfg.train.micro_batch_size) if cfg.parallel.pp > 1 else None
+        self.pipeline = (CircularPipeline(self.model, cfg.train.micro_batch_size, cfg.parallel.pp_schedule)
+                         if cfg.parallel.pp > 1 else None)
         self.pipelined = self.pipeline is not None
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         m, p = cfg.model, cfg.parallel
+        require(p.pp_schedule in ("1f1b", "gpipe"),
+                f"parallel.pp_schedule={p.pp_schedule!r}: must be one of '1f1b', 'gpipe'")
+        if p.sequence_parallel:
+            require(p.tp > 1, f"parallel.sequence_parallel=true with tp={p.tp}: sequence parallelism splits the "
+                              "sequence over the tensor-parallel ranks; set parallel.tp >= 2 or "
+                              "parallel.sequence_parallel=false")
+            require(m.seq_length % p.tp == 0,
+                    f"parallel.sequence_parallel=true: parallel.tp={p.tp} must divide model.seq_length={m.seq_length}")
         if p.pp == 1:
             return
         require(not p.overlap_grad_reduce, f"parallel.overlap_grad_reduce=true with parallel.pp={p.pp}: not offered "
                                            "with the circular pipeline yet; set parallel.overlap_grad_reduce=false")
-        require(m.kind != "mhc", f"parallel.pp={p.pp} with model.kind='mhc': mHC wraps every layer, so its stream "
-                                 "state would cross every stage; use parallel.pp=1 for mhc")
-        require(not m.tie_embeddings, f"parallel.pp={p.pp} with model.tie_embeddings=true: the embedding and head "
-                                      "sit on different stages; set model.tie_embeddings=false")
         middle = m.middle_layers_built
         valid = [d for d in range(1, middle + 1) if middle % d == 0]
         require(middle % p.pp == 0,

@@ -1,0 +1,212 @@
+"""Task order of the circular pipeline on every rank: GPipe, or 1F1B with a bounded number in flight.
+
+One micro-batch ``k`` is a chain of tasks round the ring of ``P`` stages, ``L`` passes:
+
+    F(0,k)@0 -> F(0,k)@1 -> ... -> F(0,k)@P-1 -> F(1,k)@0 -> ... -> F(L-1,k)@P-1 -> B0(k)@0 -> H(k)@P-1
+
+``F(l,k)`` runs this rank's slice of the middle block for pass ``l`` (on the first stage after the loop
+boundary of pass ``l``, and for ``l = 0`` the embedding), ``B0(k)`` is the final loop boundary, ``H(k)``
+the end block and the loss. Its backward is the same chain reversed. Every rank computes every rank's
+order (it is a pure function of ``P, L, m``), so a receiver knows the order in which a sender's
+messages leave: :class:`~hyperloop_dist.parallel.pipeline.CircularPipeline` reads each channel in that
+order, whatever the order in which it needs them (no tags, which NCCL does not have).
+
+Forward tasks on a rank always run in Megatron's interleaved order: micro-batches in groups of ``P``,
+inside a group pass by pass (the ``L`` passes play the ``L`` virtual chunks, here sharing one module).
+
+* ``gpipe``: every forward, then every backward in reverse. A rank holds ``m·L`` slice activations
+  (``m`` = micro-batches of the step): memory grows with ``grad_accum``.
+* ``1f1b``: a greedy list schedule on unit-time tasks. A rank runs a ready backward when it has one, else
+  its next forward if fewer than ``W_r`` forwards are in flight (run, backward not yet run). Derivation:
+  a rank's first backward waits for micro-batch 0 to finish its whole chain; in the interleaved order a
+  rank has by then started the ``L·P`` forwards of the first group, plus the ones it runs while the
+  chain travels back (two per stage still ahead of it, as in Megatron's warm-up):
+
+      W_r = L·P + 2·(P - 1 - r) + 1  (slice activations; plus the one B0 / H task on the first / last stage)
+
+  which is Megatron's interleaved warm-up ``(L-1)·P + 2·(P-1-r)`` plus the ``P`` forwards a ring pass
+  adds, plus the one forward of the steady state. In micro-batches (``L`` slices each) that is about
+  ``P + 2P/L``: independent of ``m``. Preferring ready backwards already keeps the greedy order under
+  the cap (the measured peak, :func:`max_in_flight`, stays below ``W_r`` and stops growing once
+  ``m >= 2P``; ``tests/test_pipeline_schedule.py`` checks both), so the cap is a guarantee that never
+  delays work.
+
+The bubble is the same for both orders (1F1B only bounds memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+SCHEDULES = ("1f1b", "gpipe")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work on one rank. ``kind``: "F" (a pass through the rank's slice), "B0" (final loop
+    boundary, first stage), "H" (end block + loss, last stage); ``backward`` for its backward."""
+
+    kind: str
+    loop: int
+    micro: int
+    backward: bool = False
+
+    @property
+    def forward(self) -> Task:
+        return Task(self.kind, self.loop, self.micro)
+
+
+@dataclass(frozen=True)
+class Message:
+    """What travels between ranks: the output of ``producer`` (forward) or its gradient (backward)."""
+
+    producer: Task  # a forward task
+    grad: bool
+
+
+def forward_order(stages: int, rank: int, passes: int, micro_batches: int) -> list[Task]:
+    """This rank's forward tasks in the global (group of P, pass, micro-batch) order."""
+    tasks = []
+    for group_start in range(0, micro_batches, stages):
+        group = range(group_start, min(group_start + stages, micro_batches))
+        for loop in range(passes + 1):
+            for k in group:
+                if loop < passes:
+                    tasks.append(Task("F", loop, k))
+                elif rank == 0:
+                    tasks.append(Task("B0", loop, k))
+                elif rank == stages - 1:
+                    tasks.append(Task("H", loop, k))
+    return tasks
+
+
+def producer_of(task: Task, rank: int, stages: int, passes: int) -> tuple[Task, int] | None:
+    """(forward task, its rank) whose output is ``task``'s (forward) input from another stage, or None."""
+    if task.kind == "H":
+        return Task("B0", passes, task.micro), 0
+    if task.kind == "B0":
+        return Task("F", passes - 1, task.micro), stages - 1
+    if rank > 0:
+        return Task("F", task.loop, task.micro), rank - 1
+    if task.loop > 0:
+        return Task("F", task.loop - 1, task.micro), stages - 1
+    return None
+
+
+def consumer_of(task: Task, rank: int, stages: int, passes: int) -> tuple[Task, int] | None:
+    """(forward task, its rank) that takes ``task``'s output as input; None for the loss."""
+    if task.kind == "H":
+        return None
+    if task.kind == "B0":
+        return Task("H", passes, task.micro), stages - 1
+    if rank < stages - 1:
+        return Task("F", task.loop, task.micro), rank + 1
+    if task.loop + 1 < passes:
+        return Task("F", task.loop + 1, task.micro), 0
+    return Task("B0", passes, task.micro), 0
+
+
+def in_flight_bound(stages: int, rank: int, passes: int) -> int:
+    """1F1B's cap on forwards in flight on ``rank`` (slices, plus one B0/H on the first/last stage)."""
+    return passes * stages + 2 * (stages - 1 - rank) + 1 + (rank in (0, stages - 1))
+
+
+def in_flight_microbatches(schedule: str, stages: int, rank: int, passes: int, micro_batches: int) -> float:
+    """Micro-batches' worth of activations ``rank`` holds at its peak (the planner's multiplier).
+
+    GPipe: all ``m``. 1F1B: :func:`in_flight_bound` slices over the ``L`` slices of one micro-batch (the
+    B0 / H task counted as one more slice), never more than ``m``.
+    """
+    if stages == 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(micro_batches)
+    return min(float(micro_batches), in_flight_bound(stages, rank, passes) / passes)
+
+
+@lru_cache(maxsize=64)
+def build(schedule: str, stages: int, passes: int, micro_batches: int) -> tuple[tuple[Task, ...], ...]:
+    """Every rank's task order (forward and backward) for one optimizer step."""
+    if schedule == "gpipe":
+        orders = []
+        for r in range(stages):
+            fwd = forward_order(stages, r, passes, micro_batches)
+            orders.append(tuple(fwd + [_backward(t) for t in reversed(fwd)]))
+        return tuple(orders)
+    if schedule != "1f1b":
+        raise ValueError(f"pipeline schedule {schedule!r}: must be one of {', '.join(SCHEDULES)}")
+    return _one_f_one_b(stages, passes, micro_batches)
+
+
+def _one_f_one_b(stages: int, passes: int, micro_batches: int) -> tuple[tuple[Task, ...], ...]:
+    fwd = [forward_order(stages, r, passes, micro_batches) for r in range(stages)]
+    done: dict[tuple[Task, int], int] = {}  # (task, rank) -> slot it ran in
+    orders: list[list[Task]] = [[] for _ in range(stages)]
+    next_fwd = [0] * stages
+    ready_bwd: list[list[Task]] = [[] for _ in range(stages)]  # forwards run, backward not yet
+    total = sum(2 * len(f) for f in fwd)
+    slot = 0
+    while sum(map(len, orders)) < total:
+        ran = []
+        for r in range(stages):
+            task = _pick(r, stages, passes, slot, fwd[r], next_fwd[r], ready_bwd[r], done)
+            if task is None:
+                continue
+            if task.backward:
+                ready_bwd[r].remove(task.forward)
+            else:
+                next_fwd[r] += 1
+                ready_bwd[r].append(task)
+            orders[r].append(task)
+            ran.append((task, r))
+        for item in ran:
+            done[item] = slot
+        slot += 1
+        if slot > 4 * total + 16:  # cannot happen for a valid bound; fail loudly rather than spin
+            raise RuntimeError(f"1F1B schedule made no progress (P={stages}, L={passes}, m={micro_batches})")
+    return tuple(tuple(o) for o in orders)
+
+
+def _pick(r: int, stages: int, passes: int, slot: int, fwd: list[Task], nxt: int, in_flight: list[Task],
+          done: dict[tuple[Task, int], int]) -> Task | None:
+    def finished(task: Task, rank: int) -> bool:
+        return done.get((task, rank), slot) < slot
+
+    for task in sorted(in_flight, key=lambda t: (t.micro, -t.loop)):
+        consumer = consumer_of(task, r, stages, passes)
+        if consumer is None or finished(_backward(consumer[0]), consumer[1]):
+            return _backward(task)
+    if nxt < len(fwd) and len(in_flight) < in_flight_bound(stages, r, passes):
+        task = fwd[nxt]
+        producer = producer_of(task, r, stages, passes)
+        if producer is None or finished(*producer):
+            return task
+    return None
+
+
+def _backward(task: Task) -> Task:
+    return Task(task.kind, task.loop, task.micro, True)
+
+
+def messages(order: tuple[Task, ...], rank: int, stages: int, passes: int) -> Iterator[tuple[Message, int]]:
+    """The messages ``rank`` sends, in the order it sends them, with their destination."""
+    for task in order:
+        if task.backward:
+            source = producer_of(task.forward, rank, stages, passes)
+            if source is not None:
+                yield Message(source[0], grad=True), source[1]
+        else:
+            target = consumer_of(task, rank, stages, passes)
+            if target is not None:
+                yield Message(task, grad=False), target[1]
+
+
+def max_in_flight(order: tuple[Task, ...]) -> int:
+    """Most forwards whose backward had not yet run, over the order (the activations a rank holds)."""
+    live = peak = 0
+    for task in order:
+        live += -1 if task.backward else 1
+        peak = max(peak, live)
+    return peak
