@@ -45,7 +45,7 @@ def measure(overrides: list[str], steps: int) -> dict:
     from hyperloop_dist.config import load_config
     from hyperloop_dist.parallel import cpu_shim
     from hyperloop_dist.parallel.distributed import init_distributed, shutdown_distributed
-    from hyperloop_dist.train.trainer import build_engine
+    from hyperloop_dist.train import engines
 
     for name in ("torch._dynamo", "torch._inductor"):  # imported lazily during the first step otherwise
         importlib.import_module(name)
@@ -54,9 +54,9 @@ def measure(overrides: list[str], steps: int) -> dict:
     info = init_distributed(cfg)
     cuda = cpu_shim.cuda_available()
     try:
-        engine = build_engine(cfg, info)
+        engine = engines.build(cfg, info)
         data = SyntheticBatches(cfg.train.micro_batch_size, cfg.model.seq_length, cfg.model.vocab_size)
-        engine.step(data, 0, None)  # warm-up: Adam state, communication buffers
+        engine.step([data.next(0, m) for m in range(cfg.train.grad_accum)], 0, None)  # warm-up: Adam state, communication buffers
         if cuda:
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -67,7 +67,7 @@ def measure(overrides: list[str], steps: int) -> dict:
         seconds, idle = [], []
         for step in range(1, steps + 1):
             start_s = time.perf_counter()
-            engine.step(data, step, None)
+            engine.step([data.next(step, m) for m in range(cfg.train.grad_accum)], step, None)
             seconds.append(time.perf_counter() - start_s)
             idle.append(engine.pipeline.stats.idle_fraction)
         peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
