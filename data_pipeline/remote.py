@@ -53,6 +53,10 @@ def is_remote(path: str) -> bool:
     return "://" in path and get_protocol(path) not in ("file", "local")
 
 
+def has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
 def _filesystem(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
     import fsspec
 
@@ -132,13 +136,11 @@ def retrying(attempt: Callable[[], T], what: str, url: str, retry_s: float) -> T
 def list_files(what: str, pattern: str, storage_options: dict[str, Any], retry_s: float,
                suffixes: tuple[str, ...]) -> list[str]:
     """The sorted URLs a remote file, directory (files with one of ``suffixes``) or glob names."""
-    from fsspec.utils import has_magic
-
     fs, path = _filesystem(pattern, storage_options)
 
     def listing() -> list[str]:
         fs.invalidate_cache()  # a listing cached earlier in this process is not the bucket now
-        if has_magic(path):
+        if has_glob(path):
             found = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
         elif fs.isdir(path):
             found = [p for p in fs.find(path) if Path(p).suffix in suffixes]

@@ -110,10 +110,10 @@ def resolve_source(pattern: str, fmt: str = "auto", text_field: str = "text", we
 
 
 def _list_files(pattern: str, storage_options: dict[str, Any], retry_s: float) -> list[str]:
-    from hyperloop_dist.data.remote import is_remote, list_files
+    from hyperloop_dist.data.remote import has_glob, is_remote, list_files
 
     path = Path(pattern)
-    glob_like = any(c in pattern for c in "*?[")
+    glob_like = has_glob(pattern)
     if is_remote(pattern):
         files = list_files(f"data source {pattern!r}", pattern, storage_options, retry_s, tuple(FORMATS))
         if not files and not glob_like:
