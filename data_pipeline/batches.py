@@ -8,9 +8,16 @@ from typing import Any, Protocol
 
 import torch
 
-from hyperloop_dist.config import Config
+from hyperloop_dist.config import Config, SourceConfig
 from hyperloop_dist.data.corpus import corpus_files
-from hyperloop_dist.data.stream import DataStats, Source, StreamLoader, _SourceReader, resolve_source
+from hyperloop_dist.data.stream import (
+    DataError,
+    DataStats,
+    Source,
+    StreamLoader,
+    _SourceReader,
+    resolve_source,
+)
 from hyperloop_dist.data.token_windows import WindowSampler, load_tokens, split_files
 
 
@@ -26,13 +33,43 @@ class Batches(Protocol):
     def close(self) -> None: ...
 
 
-def train_sources(cfg: Config) -> list[Source]:
-    """The training mixture: the corpus's training works, or the configured sources."""
+def configured_source(spec: SourceConfig, cfg: Config, listed: list[str] | None = None) -> Source:
+    return resolve_source(spec.path, spec.format, spec.text_field, spec.weight, spec.storage_options,
+                          cfg.data.retry_s, listed)
+
+
+def train_sources(cfg: Config, listing: list[list[str]] | None = None) -> list[Source]:
+    """The training mixture: the corpus's training works, or the configured sources (listed now, or read
+    from ``listing``, the files a checkpoint recorded per source)."""
     d = cfg.data
     if d.corpus == "sources":
-        return [resolve_source(s.path, s.format, s.text_field, s.weight) for s in d.sources]
+        listing = listing or [None] * len(d.sources)
+        return [configured_source(s, cfg, files) for s, files in zip(d.sources, listing, strict=True)]
+    if listing:
+        return [Source(name=d.dir, files=tuple(listing[0]), fmt="text")]
     train, _ = split_files(corpus_files(d.dir), d.heldout_fraction)
     return [Source(name=d.dir, files=tuple(str(f) for f in train), fmt="text")]
+
+
+def listed_sources(cfg: Config, state: dict[str, Any] | None) -> list[Source]:
+    """The training sources with the listing every rank reads: the checkpoint's on resume, else one made
+    now by rank 0 and sent to all (a bucket that changes while ranks start cannot split them)."""
+    import torch.distributed as dist
+
+    if state is not None and "files" in state:
+        return train_sources(cfg, state["files"])
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return train_sources(cfg)
+    box: list[object] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [train_sources(cfg)]
+        except DataError as exc:
+            box = [exc]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], DataError):
+        raise box[0]
+    return box[0]  # type: ignore[return-value]
 
 
 def tokenizer_sample(cfg: Config, max_bytes: int, progress: bool = True) -> Iterator[str]:
@@ -59,7 +96,7 @@ class StreamBatches:
     def __init__(self, cfg: Config, dp_rank: int, dp_size: int, state: dict[str, Any] | None) -> None:
         t = cfg.train
         self.windows_per_step = t.micro_batch_size * t.grad_accum * dp_size
-        self.loader = StreamLoader(train_sources(cfg), cfg.data.tokenizer, cfg.model.seq_length,
+        self.loader = StreamLoader(listed_sources(cfg, state), cfg.data.tokenizer, cfg.model.seq_length,
                                    t.micro_batch_size, dp_rank, dp_size, cfg.data.workers, t.seed, state)
 
     def next(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,6 +49,9 @@ class DataError(ValueError):
     """A source cannot be read at all (missing files, unknown format, no documents)."""
 
 
+DEFAULT_RETRY_S = 120.0  # data.retry_s: how long a remote read retries transient failures
+
+
 @dataclass(frozen=True)
 class Source:
     name: str
@@ -56,24 +59,39 @@ class Source:
     fmt: str
     text_field: str = "text"
     weight: float = 1.0
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)  # fsspec, for remote files
+    retry_s: float = DEFAULT_RETRY_S
+
+    @property
+    def remote(self) -> bool:
+        from hyperloop_dist.data.remote import is_remote
+
+        return is_remote(self.name)
 
 
-def resolve_source(pattern: str, fmt: str = "auto", text_field: str = "text", weight: float = 1.0) -> Source:
-    """Expand a path, directory or glob into a Source; every problem is reported before training starts."""
-    path = Path(pattern)
-    if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix in FORMATS)
-    elif any(c in pattern for c in "*?["):
-        files = sorted(glob.glob(pattern, recursive=True))
-    elif path.is_file():
-        files = [str(path)]
+def resolve_source(pattern: str, fmt: str = "auto", text_field: str = "text", weight: float = 1.0,
+                   storage_options: dict[str, Any] | None = None, retry_s: float = DEFAULT_RETRY_S,
+                   listed: list[str] | None = None) -> Source:
+    """Expand a path, directory or glob, local or any fsspec URL, into a Source; every problem is reported
+    before training starts. ``listed``: the sorted files a checkpoint recorded when the run started; the
+    source reads exactly those again, and each must still exist."""
+    storage_options = dict(storage_options or {})
+    if listed is None:
+        files = _list_files(pattern, storage_options, retry_s)
     else:
-        raise DataError(f"data source {pattern!r} does not exist; check the path (globs like 'dir/*.jsonl' work)")
-    if not files:
-        raise DataError(f"data source {pattern!r} matches no files")
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise DataError(f"data source {pattern!r}: {missing[0]} is not a readable file")
+        files = list(listed)
+        try:
+            now = set(_list_files(pattern, storage_options, retry_s))
+        except DataError as exc:
+            if exc.__class__ is not DataError:  # a remote failure (denied, no bucket, outage) as it is
+                raise
+            now = set()
+        gone = [f for f in files if f not in now]
+        if gone:
+            from hyperloop_dist.data.remote import gone_message
+
+            more = f" ({len(gone)} of its {len(files)} files are gone)" if len(gone) > 1 else ""
+            raise DataError(gone_message(f"data source {pattern!r}", gone[0]) + more)
     if fmt == "auto":
         kinds = {FORMATS.get(Path(f).suffix) for f in files}
         if None in kinds or len(kinds) != 1:
@@ -84,13 +102,40 @@ def resolve_source(pattern: str, fmt: str = "auto", text_field: str = "text", we
         raise DataError(f"data source {pattern!r}: format {fmt!r} is not one of jsonl, parquet, text")
     if weight <= 0:
         raise DataError(f"data source {pattern!r}: weight {weight} must be > 0")
-    if fmt == "parquet":
+    source = Source(pattern, tuple(files), fmt, text_field, weight, storage_options, retry_s)
+    if fmt == "parquet" and not source.remote:  # (remote shards are checked when their copy arrives)
         for f in files:
             _check_parquet_magic(pattern, f)
-    return Source(pattern, tuple(files), fmt, text_field, weight)
+    return source
 
 
-def _check_parquet_magic(source: str, path: str) -> None:
+def _list_files(pattern: str, storage_options: dict[str, Any], retry_s: float) -> list[str]:
+    from hyperloop_dist.data.remote import has_glob, is_remote, list_files
+
+    path = Path(pattern)
+    glob_like = has_glob(pattern)
+    if is_remote(pattern):
+        files = list_files(f"data source {pattern!r}", pattern, storage_options, retry_s, tuple(FORMATS))
+        if not files and not glob_like:
+            raise DataError(f"data source {pattern!r} does not exist; check the URL (globs like "
+                            "'s3://bucket/dir/*.parquet' work)")
+    elif path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix in FORMATS)
+    elif glob_like:
+        files = sorted(glob.glob(pattern, recursive=True))
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        raise DataError(f"data source {pattern!r} does not exist; check the path (globs like 'dir/*.jsonl' work)")
+    if not files:
+        raise DataError(f"data source {pattern!r} matches no files")
+    missing = [f for f in files if not is_remote(f) and not Path(f).is_file()]
+    if missing:
+        raise DataError(f"data source {pattern!r}: {missing[0]} is not a readable file")
+    return files
+
+
+def _check_parquet_magic(source: str, path: str, name: str | None = None) -> None:
     """A parquet file starts and ends with ``PAR1``; anything else gets a named error, not pyarrow's."""
     size = os.path.getsize(path)
     if size == 0:
@@ -100,7 +145,7 @@ def _check_parquet_magic(source: str, path: str) -> None:
         f.seek(max(size - 4, 0))
         tail = f.read(4)
     if head != b"PAR1" or tail != b"PAR1":
-        raise DataError(f"data source {source!r}: {path} is not a parquet file (it lacks the PAR1 marks at its "
+        raise DataError(f"data source {source!r}: {name or path} is not a parquet file (it lacks the PAR1 marks at its "
                         "start and end); fix the file, or name its real format with the source's `format`")
 
 
@@ -178,12 +223,16 @@ def _iterate(dataset: Iterator[dict]) -> Iterator[dict]:
     yield from it
 
 
-def _read_shard(source: Source, path: str) -> Iterator[tuple[str | None, str | None]]:
-    """Yield ``(text, None)`` per good record of the shard and ``(None, reason)`` per skipped one."""
+def _read_shard(source: Source, path: str, name: str | None = None) -> Iterator[tuple[str | None, str | None]]:
+    """Yield ``(text, None)`` per good record of the local file ``path`` and ``(None, reason)`` per skipped
+    one; ``name`` is the shard's own name where ``path`` is the local copy of a remote one."""
     from datasets import load_dataset
 
+    name = name or path
     if os.path.getsize(path) == 0:
         return
+    if source.fmt == "parquet" and name != path:
+        _check_parquet_magic(source.name, path, name)
     if source.fmt == "parquet":
         rows = _iterate(load_dataset("parquet", data_files=[path], split="train", streaming=True))
         while True:
@@ -193,7 +242,7 @@ def _read_shard(source: Source, path: str) -> Iterator[tuple[str | None, str | N
                 return
             except Exception as exc:  # pyarrow's own errors name neither the source nor what to do
                 first = str(exc).splitlines()[0] if str(exc) else ""
-                raise DataError(f"data source {source.name!r}: {path} cannot be read as parquet "
+                raise DataError(f"data source {source.name!r}: {name} cannot be read as parquet "
                                 f"({type(exc).__name__}: {first})") from exc
             value = row.get(source.text_field, None)
             if value is None:
@@ -235,30 +284,52 @@ class _SourceReader:
         self.files = source.files[slot::slots] if self.by_file else source.files
         self.position = tuple(position)  # (epoch, file index, record index in file): the next to read
         self._iter: Iterator[tuple[tuple[int, int, int], str]] | None = None
-        self._offsets: dict[int, int] = {}  # records before each file (document-level dealing)
+        self._counts: dict[int, int] = {}  # records per file (document-level dealing)
+        self.spool = None
+        if source.remote:
+            from hyperloop_dist.data.remote import ShardSpool
+
+            self.spool = ShardSpool(f"data source {source.name!r}", source.storage_options, source.retry_s)
+
+    @contextlib.contextmanager
+    def _shard(self, f: int, ahead: bool = True) -> Iterator[str]:
+        """File ``f`` of this slot as a local path: remote shards are copied (the next one meanwhile)."""
+        name = self.files[f]
+        if self.spool is None:
+            if not os.path.isfile(name):
+                from hyperloop_dist.data.remote import gone_message
+
+                raise DataError(gone_message(f"data source {self.source.name!r}", name))
+            yield name
+            return
+        following = self.files[(f + 1) % len(self.files)] if ahead else None
+        with self.spool.shard(name, following, in_order=ahead) as local:
+            yield local
 
     def _records(self) -> Iterator[tuple[tuple[int, int, int], str]]:
         epoch, file_pos, record_pos = self.position
         while True:
             found, records = False, 0
             for f in range(file_pos, len(self.files)):
-                empty = True
-                for r, (text, skipped) in enumerate(_read_shard(self.source, self.files[f])):
-                    empty = False
-                    if r < record_pos:
-                        continue  # read before the checkpoint (and counted then)
-                    after = (epoch, f, r + 1)
-                    self.position = after
-                    if not self.by_file and (self._record_offset(f) + r) % self.slots != self.slot:
-                        continue  # records are dealt to slots across the whole source, in file order
-                    records += 1
-                    if skipped is not None:
-                        self.stats.add(skipped)
-                    elif not text.strip():
-                        self.stats.add("empty_documents")
-                    else:
-                        found = True
-                        yield after, text
+                empty, count = True, 0
+                with self._shard(f) as local:
+                    for r, (text, skipped) in enumerate(_read_shard(self.source, local, self.files[f])):
+                        empty, count = False, r + 1
+                        if r < record_pos:
+                            continue  # read before the checkpoint (and counted then)
+                        after = (epoch, f, r + 1)
+                        self.position = after
+                        if not self.by_file and (self._record_offset(f) + r) % self.slots != self.slot:
+                            continue  # records are dealt to slots across the whole source, in file order
+                        records += 1
+                        if skipped is not None:
+                            self.stats.add(skipped)
+                        elif not text.strip():
+                            self.stats.add("empty_documents")
+                        else:
+                            found = True
+                            yield after, text
+                self._counts.setdefault(f, count)
                 if empty and epoch == 0 and record_pos == 0:
                     self.stats.add("empty_shards")
                 record_pos = 0
@@ -270,9 +341,11 @@ class _SourceReader:
             self.position = (epoch, 0, 0)
 
     def _record_offset(self, file_index: int) -> int:
-        if file_index not in self._offsets:
-            self._offsets[file_index] = sum(1 for f in range(file_index) for _ in _read_shard(self.source, self.files[f]))
-        return self._offsets[file_index]
+        for f in range(file_index):
+            if f not in self._counts:
+                with self._shard(f, ahead=False) as local:
+                    self._counts[f] = sum(1 for _ in _read_shard(self.source, local, self.files[f]))
+        return sum(self._counts[f] for f in range(file_index))
 
     def next_document(self) -> str:
         if self._iter is None:
@@ -415,6 +488,7 @@ class StreamLoader:
         self.layout = {"dp_size": dp_size, "workers": max(workers, 1), "seq_len": seq_len,
                        "micro_batch_size": micro_batch_size, "sources": [s.name for s in sources]}
         self.dp_rank = dp_rank
+        self.files = [list(s.files) for s in sources]  # the listing made at the run's start
         self.states: dict[int, SlotState] = {}
         self.consumed = 0
         if state is not None:
@@ -425,6 +499,9 @@ class StreamLoader:
                     "data-parallel size, loader workers, sequence length, micro-batch size and sources must "
                     "match to resume the token stream exactly; resume with the saved layout"
                 )
+            if state.get("files", self.files) != self.files:
+                raise DataError("the saved data pipeline state was made over other files than these sources list "
+                                "now; resolve the sources with the saved listing (listed_sources) to resume")
             self.states = {int(k): SlotState.from_json(v) for k, v in state["slots"].items()}
             self.consumed = state["consumed"]
         n = self.layout["workers"]
@@ -476,5 +553,5 @@ class StreamLoader:
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        return {"layout": self.layout, "consumed": self.consumed,
+        return {"layout": self.layout, "consumed": self.consumed, "files": self.files,
                 "slots": {str(k): v.to_json() for k, v in self.states.items()}}

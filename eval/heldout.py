@@ -36,8 +36,9 @@ class HeldoutError(ValueError):
 
 def heldout_documents(cfg: Config) -> Iterator[str]:
     """The held-out documents of the run's data, in a fixed order (never seen in training)."""
+    from hyperloop_dist.data.batches import configured_source
     from hyperloop_dist.data.corpus import corpus_files
-    from hyperloop_dist.data.stream import DataStats, _SourceReader, resolve_source
+    from hyperloop_dist.data.stream import DataStats, _SourceReader
     from hyperloop_dist.data.token_windows import split_files
 
     if cfg.data.corpus != "sources":
@@ -49,7 +50,7 @@ def heldout_documents(cfg: Config) -> Iterator[str]:
         raise HeldoutError("data.corpus=sources has no held-out split: list held-out files in "
                            "eval.heldout_sources (never also in data.sources)")
     for spec in cfg.eval.heldout_sources:
-        reader = _SourceReader(resolve_source(spec.path, spec.format, spec.text_field), 0, 1, DataStats())
+        reader = _SourceReader(configured_source(spec, cfg), 0, 1, DataStats())
         while True:
             text = reader.next_document()
             if reader.position[0] > 0:  # one pass: the reader starts its second epoch

@@ -157,6 +157,7 @@ class SourceConfig:
     format: str = "auto"  # auto (from the extension), jsonl, parquet, text
     text_field: str = "text"
     weight: float = 1.0  # mixture weight
+    storage_options: dict[str, Any] = field(default_factory=dict)  # remote paths: passed to the fsspec filesystem
 
 
 @dataclass
@@ -169,6 +170,7 @@ class DataConfig:
     loader: str = "stream"  # stream: the streaming pipeline; windows: random windows of pre-tokenized files
     workers: int = 1  # loader worker processes per rank (0 = tokenize in the training process)
     pretokenized: str | None = None  # Megatron .bin/.idx prefix (`hyperloop data pretokenize`) for loader=windows
+    retry_s: float = 120.0  # remote sources: seconds a read retries transient failures (outages, throttling)
 
 
 @dataclass
@@ -281,6 +283,8 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
+    elif annotation is Any:  # free-form mappings handed to a library (a source's storage_options)
+        return value
     else:  # pragma: no cover - all fields are scalars or sections
         raise TypeError(f"unsupported annotation {annotation} for {path}")
     raise ConfigError(f"{path}={value!r}: expected {annotation.__name__}, got {type(value).__name__}")
@@ -451,6 +455,7 @@ def validate(cfg: Config) -> None:
     _one_of("data.corpus", d.corpus, ("english", "shakespeare", "dir", "sources"))
     _one_of("data.loader", d.loader, ("stream", "windows"))
     _positive("data.workers", d.workers, zero_ok=True)
+    _positive("data.retry_s", d.retry_s, zero_ok=True)
     _require(d.corpus != "sources" or d.sources, "data.sources: data.corpus=sources needs at least one source")
     _require(d.corpus != "sources" or d.loader == "stream" or d.pretokenized,
              "data.loader='windows' with data.corpus=sources reads data.pretokenized (write it with "
