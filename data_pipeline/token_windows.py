@@ -20,7 +20,7 @@ import sentencepiece as spm
 import torch
 
 from hyperloop_dist.config import Config
-from hyperloop_dist.data.corpus import corpus_files, document_group, obtain_english, obtain_shakespeare
+from hyperloop_dist.data.corpus import corpus_files, obtain_english, obtain_shakespeare, split_files
 from hyperloop_dist.data.tokenizer import EOS_ID, load_tokenizer, train_tokenizer
 
 TOKENIZER_SAMPLE_BYTES = 32 * 1024 * 1024
@@ -28,24 +28,6 @@ TOKENIZER_SAMPLE_BYTES = 32 * 1024 * 1024
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def split_files(files: list[Path], heldout_fraction: float) -> tuple[list[Path], list[Path]]:
-    """Held-out = whole works (all their spelling variants), chosen by a stable hash of the work's name."""
-    members: dict[str, int] = {}
-    for f in files:
-        members[document_group(f)] = members.get(document_group(f), 0) + 1
-    if len(members) < 2:
-        raise ValueError("the corpus needs at least two works to hold one out; add more *.txt files")
-    # Where some works come in several versions, a single-file work may be a version filed under another
-    # spelling of its name: hold out only works whose versions are all known to be in the group.
-    candidates = [g for g, n in members.items() if n > 1] or list(members)
-    candidates.sort(key=lambda g: hashlib.sha1(g.encode()).hexdigest())
-    n_heldout = max(1, round(heldout_fraction * len(candidates)))
-    heldout_groups = set(candidates[:n_heldout])
-    train = [f for f in files if document_group(f) not in heldout_groups]
-    heldout = [f for f in files if document_group(f) in heldout_groups]
-    return train, heldout
 
 
 def _write_tokens(sp: spm.SentencePieceProcessor, files: list[Path], out: Path, dtype: np.dtype) -> int:
@@ -62,7 +44,7 @@ def _write_tokens(sp: spm.SentencePieceProcessor, files: list[Path], out: Path, 
 
 def prepare_corpus(cfg: Config, log: Callable[[str], object] = print) -> Path:
     """Obtain the corpus, train the tokenizer if missing, tokenize; idempotent. Returns the tokens dir."""
-    from hyperloop_dist.data.batches import tokenizer_sample, train_sources
+    from hyperloop_dist.data.sources import tokenizer_sample, train_sources
     from hyperloop_dist.data.stream import check_sources
 
     d = cfg.data

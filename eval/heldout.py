@@ -1,7 +1,7 @@
 """Held-out text and the held-out loss: one reduction for every engine and parallel layout.
 
 The held-out split is the data pipeline's: for the ``english``, ``shakespeare`` and ``dir`` corpora the
-works :func:`~hyperloop_dist.data.token_windows.split_files` holds out of training; for ``sources`` the
+works :func:`~hyperloop_dist.data.corpus.split_files` holds out of training; for ``sources`` the
 documents listed in ``eval.heldout_sources``. Its first documents, joined with EOS, are cut into
 consecutive ``seq_length + 1`` windows: a fixed set, whatever the layout.
 
@@ -36,8 +36,8 @@ class HeldoutError(ValueError):
 
 def heldout_documents(cfg: Config) -> Iterator[str]:
     """The held-out documents of the run's data, in a fixed order (never seen in training)."""
-    from hyperloop_dist.data.batches import configured_source
     from hyperloop_dist.data.corpus import corpus_files
+    from hyperloop_dist.data.sources import configured_source
     from hyperloop_dist.data.stream import DataStats, _SourceReader
     from hyperloop_dist.data.token_windows import split_files
 

@@ -33,8 +33,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
-    from hyperloop_dist.data.batches import tokenizer_sample
     from hyperloop_dist.data.corpus import obtain_english, obtain_shakespeare
+    from hyperloop_dist.data.sources import tokenizer_sample
     from hyperloop_dist.data.tokenizer import load_tokenizer, train_tokenizer
 
     cfg = _load(args.config)

@@ -195,8 +195,9 @@ def test_mixture_sources_train_a_tokenizer_from_the_cli(tmp_path: Path) -> None:
 def test_pretokenized_megatron_dataset_round_trips(tiny_data: list[str], tmp_path: Path) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from hyperloop_dist.data.batches import WindowBatches, train_sources
+    from hyperloop_dist.data.batches import WindowBatches
     from hyperloop_dist.data.pretokenize import load_pretokenized, pretokenize
+    from hyperloop_dist.data.sources import train_sources
 
     cfg = load_config(None, [*tiny_data, f"data.pretokenized={tmp_path / 'train'}", "data.loader=windows",
                              "train.micro_batch_size=2"])
