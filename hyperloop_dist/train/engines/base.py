@@ -22,7 +22,7 @@ from hyperloop_dist.config import Config, ConfigError
 from hyperloop_dist.parallel import cpu_shim
 from hyperloop_dist.parallel.distributed import RankInfo
 from hyperloop_dist.train import hang
-from hyperloop_dist.train.nonfinite import MicroLosses, all_finite, poison
+from hyperloop_dist.train.nonfinite import MicroLosses, poison
 
 if TYPE_CHECKING:
     from hyperloop_dist.train.signals import StopRequest
@@ -145,7 +145,8 @@ def accumulate(batches: list[Batch], index: int, loss_of: TokenNll,
     """Forward and backward over a step's micro-batches, each loss scaled by 1 / their number.
 
     ``no_sync`` wraps every micro-batch but the last, so data-parallel gradients are reduced once, after
-    the last one. The losses stay on the device (one host sync per step, in :func:`finite_everywhere`).
+    the last one. The losses stay on the device (one host sync per step, in
+    :func:`~hyperloop_dist.train.nonfinite.all_finite` over their total).
     """
     device = cpu_shim.device()
     losses = MicroLosses()
@@ -158,11 +159,6 @@ def accumulate(batches: list[Batch], index: int, loss_of: TokenNll,
         losses.add(loss)
     hang.beat("backward")
     return losses
-
-
-def finite_everywhere(losses: MicroLosses, stop: StopRequest | None) -> bool:
-    """One collective per step: is the step's loss finite on every rank (and did any rank get a signal)."""
-    return all_finite(losses.total(), stop)
 
 
 def torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:

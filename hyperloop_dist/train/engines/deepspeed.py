@@ -31,13 +31,12 @@ from hyperloop_dist.train.engines.base import (
     PlanVariant,
     StepResult,
     accumulate,
-    finite_everywhere,
     require,
     restore_adam_step,
     tensor_bytes,
     torch_optimizers,
 )
-from hyperloop_dist.train.nonfinite import TrainingDiverged
+from hyperloop_dist.train.nonfinite import TrainingDiverged, all_finite
 from hyperloop_dist.train.torch_optim import adamw, lr_scheduler
 
 if TYPE_CHECKING:
@@ -195,13 +194,13 @@ class DeepSpeedEngine(Engine):
             self.ds.step()  # steps the optimizer at the accumulation boundary only
 
         losses = accumulate(batches, index, lambda t, y: self.ds(t, labels=y), backward=backward)
-        if not finite_everywhere(losses, stop):
+        total = losses.total()
+        if not all_finite(total, stop):
             if self.ds.skipped_steps == skipped_before:  # cannot happen with the generated config
                 raise TrainingDiverged(f"step {index + 1}: non-finite loss, and DeepSpeed applied the update; "
                                        "resume from the last checkpoint")
             return StepResult.skipped(losses.non_finite())
         group = parallel_state.get_data_parallel_group()
-        total = losses.total()
         dist.all_reduce(total, group=group)
         grad_norm = self.ds.get_global_grad_norm()
         return StepResult(float(total) / dist.get_world_size(group),

@@ -28,11 +28,11 @@ from hyperloop_dist.train.engines.base import (
     PlanVariant,
     StepResult,
     accumulate,
-    finite_everywhere,
     prepare_adam_state_for_loading,
     require,
     restore_adam_step,
 )
+from hyperloop_dist.train.nonfinite import all_finite
 from hyperloop_dist.train.torch_optim import adamw, lr_scheduler
 
 if TYPE_CHECKING:
@@ -95,13 +95,13 @@ class FsdpEngine(Engine):
         """A non-finite loss on any rank skips the update everywhere, as in every engine."""
         self.optimizer.zero_grad(set_to_none=True)
         losses = accumulate(batches, index, lambda t, y: self.model(t, labels=y), no_sync=self._no_sync)
-        if not finite_everywhere(losses, stop):
+        total = losses.total()
+        if not all_finite(total, stop):
             return StepResult.skipped(losses.non_finite())
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         self.optimizer.step()
-        total = losses.total()
         dist.all_reduce(total)
         return StepResult(float(total) / dist.get_world_size(), float(grad_norm), [])
 

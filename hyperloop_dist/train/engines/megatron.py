@@ -22,12 +22,11 @@ from hyperloop_dist.train.engines.base import (
     PlanVariant,
     StepResult,
     accumulate,
-    finite_everywhere,
     prepare_adam_state_for_loading,
     require,
     restore_adam_step,
 )
-from hyperloop_dist.train.nonfinite import MicroLosses
+from hyperloop_dist.train.nonfinite import MicroLosses, all_finite
 from hyperloop_dist.train.torch_optim import lr_scheduler
 
 if TYPE_CHECKING:
@@ -130,12 +129,12 @@ class MegatronEngine(Engine):
             # Megatron DDP reduces a bucket once every parameter in it reported all its gradient events of
             # the last micro-batch (a looped weight reports once per recomputed loop): no_sync before that.
             losses = accumulate(batches, index, lambda t, y: self.ddp(t, labels=y), no_sync=self.ddp.no_sync)
+        total = losses.total()
         with cpu_shim.device_mode():
             finalize_model_grads([self.ddp])
-            if not finite_everywhere(losses, stop):
+            if not all_finite(total, stop):
                 return StepResult.skipped([] if self.pipeline is not None else losses.non_finite())
             _, grad_norm, _ = self.optimizer.step()
-        total = losses.total()
         if self.info.dp_size > 1:
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
             total /= self.info.dp_size
