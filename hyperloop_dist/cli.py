@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from hyperloop_dist.checkpoint.store import CheckpointError
-from hyperloop_dist.config import ConfigError
+from hyperloop_dist.config import QUANT_SCHEMES, ConfigError
 from hyperloop_dist.data.stream import DataError
 from hyperloop_dist.train.entry import load_items as _load
 from hyperloop_dist.train.entry import split_recipe as _split_recipe
@@ -83,12 +83,18 @@ def _export_items(items: list[str]) -> tuple[list[str], str, str]:
 def cmd_export(args: argparse.Namespace) -> int:
     from hyperloop_dist.export.release import export_release, load_release
 
-    if args.release == args.int4:
-        print("hyperloop export: choose one format: --release (bf16/fp32 release) or --int4", file=sys.stderr)
+    if args.release + args.int4 + (args.quantize is not None) != 1:
+        print("hyperloop export: choose one format: --release (bf16/fp32 release), --int4 (our INT4) or "
+              "--quantize SCHEME (llm-compressor)", file=sys.stderr)
+        return 2
+    if args.format is not None and not args.int4:
+        print("hyperloop export: --format gguf goes with --int4 only", file=sys.stderr)
         return 2
     settings, source, out = _export_items(args.items)
     if args.int4:
         return _export_int4(settings, source, out, args.format)
+    if args.quantize is not None:
+        return _export_quantized(settings, source, out, args.quantize)
     if settings:
         raise ConfigError(f"hyperloop export --release takes no settings (got {' '.join(settings)})")
     out = export_release(source, out)
@@ -135,6 +141,16 @@ def _export_int4(settings: list[str], source: str, out: str, fmt: str | None) ->
     report = export_int4(source, out, settings)
     print(f"INT4 release written to {report.out} (compressed-tensors pack-quantized, loads with "
           f"AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True); README.md)")
+    print(report.table())
+    return 0
+
+
+def _export_quantized(settings: list[str], source: str, out: str, scheme: str) -> int:
+    from hyperloop_dist.export.llm_compressor import export_quantized
+
+    report = export_quantized(source, out, scheme, settings)
+    print(f"{scheme} release written to {report.out} (llm-compressor, compressed-tensors; loads with "
+          f"AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) and in vLLM; README.md)")
     print(report.table())
     return 0
 
@@ -311,12 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="path prefix of the .bin/.idx pair")
     p.set_defaults(func=cmd_pretokenize)
 
-    p = sub.add_parser("export", help="consolidate a checkpoint into a release, or quantize it to INT4",
-                       usage="hyperloop export (--release | --int4) [key=value ...] SOURCE OUT")
+    p = sub.add_parser("export", help="consolidate a checkpoint into a release, or quantize it",
+                       usage="hyperloop export (--release | --int4 | --quantize SCHEME) [key=value ...] SOURCE OUT")
     p.add_argument("--release", action="store_true", help="one safetensors file + config.json + tokenizer")
     p.add_argument("--int4", action="store_true",
                    help="INT4 weight-only release (compressed-tensors pack-quantized); settings: method=rtn|gptq "
                         "group_size=128 calibration_batches=16 ... (export.* in docs/export.md), data.* overrides")
+    p.add_argument("--quantize", choices=QUANT_SCHEMES, metavar="SCHEME",
+                   help=f"llm-compressor oneshot to a compressed-tensors release that vLLM serves: "
+                        f"{', '.join(QUANT_SCHEMES)}; settings: group_size=128 calibration_batches=16 "
+                        "heldout_windows=64 quantize_head=false gptq_dampening=0.01, data.* overrides")
     p.add_argument("--format", choices=("compressed-tensors", "gguf"), default=None,
                    help="--int4 only: also write model.gguf (Q4_0 container, not runnable by llama.cpp)")
     p.add_argument("items", nargs="+", metavar="ARG",

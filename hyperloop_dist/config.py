@@ -219,7 +219,7 @@ class LoggingConfig:
 
 @dataclass
 class ExportConfig:
-    """``hyperloop export --int4``: INT4 weight-only quantization of the blocks' Linear weights."""
+    """``hyperloop export --int4`` / ``--quantize``: quantization of the blocks' Linear weights."""
 
     method: str = "rtn"  # rtn | gptq
     group_size: int = 128  # input columns per scale; must divide every quantized layer's input width
@@ -229,6 +229,10 @@ class ExportConfig:
     gptq_dampening: float = 0.01  # GPTQ: fraction of the mean Hessian diagonal added to it
     heldout_windows: int = 64  # held-out windows for the bf16 vs INT4 loss report
     format: str = "compressed-tensors"  # compressed-tensors (pack-quantized W4A16) | gguf (Q4_0 container)
+
+
+# `hyperloop export --quantize SCHEME`: llm-compressor recipes (hyperloop_dist/export/llm_compressor.py).
+QUANT_SCHEMES = ("W4A16", "W4A16-RTN", "W4A16-AWQ", "W8A8-INT8", "W8A8-FP8", "FP8-dynamic")
 
 
 @dataclass

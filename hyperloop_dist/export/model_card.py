@@ -77,7 +77,7 @@ def write_model_card(release: Path) -> Path:
     cfg = ModelConfig(**fields)
     params = report(cfg)
     training = info.get("training", {})
-    int4 = info.get("int4")
+    int4, quantized = info.get("int4"), info.get("quantized")
     hc = f", {cfg.hc.streams} streams, H_res {cfg.hc.res_for(cfg.kind)}" if cfg.kind in ("hyperloop", "mhc") else ""
     tokens = training.get("tokens")
     rows = [
@@ -93,7 +93,12 @@ def write_model_card(release: Path) -> Path:
         ("training steps / tokens", f"{training.get('steps', 'unknown')} / "
                                     f"{'unknown' if tokens is None else f'{tokens:,}'}"),
     ]
-    if int4 is None:
+    if quantized is not None:
+        bf16, q = quantized["bf16_heldout_loss"], quantized["heldout_loss"]
+        rows.append(("weights", f"{quantized['scheme']}: {quantized['description']} (llm-compressor, "
+                                "compressed-tensors)"))
+        rows.append((f"held-out loss bf16 / {quantized['scheme']}", f"{_loss(bf16)} / {_loss(q)} (gap {q - bf16:+.4f})"))
+    elif int4 is None:
         note = training.get("heldout_note", "")
         rows.append(("held-out loss", _loss(training.get("heldout_loss")) + (f" ({note})" if note else "")
                      + (f" over {training['heldout_tokens']:,} tokens" if "heldout_tokens" in training else "")))
@@ -104,9 +109,9 @@ def write_model_card(release: Path) -> Path:
                                 "pack-quantized W4A16)"))
         rows.append(("held-out loss bf16 / INT4", f"{_loss(bf16)} / {_loss(q)}{gap}"))
     table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
-    dtype = "torch.bfloat16" if int4 else "torch.float32"
+    dtype = "torch.bfloat16" if int4 or quantized else "torch.float32"
     name = release.name.removesuffix(".tmp")
-    needs = "torch, transformers, safetensors and compressed-tensors" if int4 else "torch, transformers and safetensors"
+    needs = "torch, transformers, safetensors and compressed-tensors" if int4 or quantized else "torch, transformers and safetensors"
     text = f"""# Hyperloop release: {cfg.kind}
 
 A {'Hyperloop Transformer (arXiv 2604.21254)' if cfg.kind == 'hyperloop' else f'`{cfg.kind}` baseline'} exported by
