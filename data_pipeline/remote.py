@@ -205,8 +205,9 @@ def _clean_stale_spools(prefix: str) -> None:
 class ShardSpool:
     """Local copies of one reader's remote shards: the one being read, and the next one copied ahead.
 
-    ``ready``/``waited`` count the shards whose prefetched copy was complete / still in flight when the
-    reader reached them (the benchmark reports them). ``versions``: the listed :func:`version` of each URL,
+    ``ready``/``waited`` count the shards whose prefetched copy was complete / not (still in flight, or
+    none: the first shard) when the reader reached them, and ``wait_s`` the seconds it waited for copies
+    (the benchmark reports them). ``versions``: the listed :func:`version` of each URL,
     checked as each copy starts.
     """
 
@@ -215,6 +216,7 @@ class ShardSpool:
         self.what, self.storage_options, self.retry_s = what, storage_options, retry_s
         self.versions = versions or {}
         self.ready = self.waited = self.copied = 0
+        self.wait_s = 0.0
         self._dir: str | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: tuple[str, str, Future[str]] | None = None  # (url, local path, its copy)
@@ -264,6 +266,13 @@ class ShardSpool:
                 raise RemoteError(changed_message(self.what, url, listed, now))
 
     def _take(self, url: str) -> str:
+        start = time.perf_counter()
+        try:
+            return self._ready_copy(url)
+        finally:
+            self.wait_s += time.perf_counter() - start
+
+    def _ready_copy(self, url: str) -> str:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             ahead_url, local, copying = ahead
@@ -275,6 +284,7 @@ class ShardSpool:
                 copying.result()
             with contextlib.suppress(OSError):
                 os.remove(local)
+        self.waited += 1
         return self.copy(url, self._local_path())
 
     def _prefetch(self, url: str) -> None:

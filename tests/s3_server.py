@@ -23,10 +23,12 @@ __all__ = ["FlakyProxy", "S3Server", "environment", "forbidding_server"]
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with a TCP RST (SO_LINGER 0): the peer sees a reset connection, as in a network fault."""
+    """Close with a TCP RST (SO_LINGER 0): the peer sees a reset connection, as in a network fault. The
+    shutdown wakes the pump blocked in ``recv`` on it, which would otherwise hold the socket open."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
+        sock.shutdown(socket.SHUT_RD)
+    sock.close()
 
 
 @dataclass

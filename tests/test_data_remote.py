@@ -197,5 +197,6 @@ def test_an_outage_mid_read_retries_and_keeps_the_token_stream(s3, s3_run: Path,
     finally:
         proxy.stop()  # (the run's processes, and so every copy thread, have ended)
     assert proxy.outages == 1 and proxy.hit is not None and proxy.hit.startswith(f"GET /{shard}"), proxy.hit
-    assert f"s3://{shard}" in out.stderr and "retry 1 in" in out.stderr, out.stderr[-3000:]
+    log = out.stdout + out.stderr  # (the launcher passes the ranks' stderr on in its stdout)
+    assert f"s3://{shard}" in log and "retry 1 in" in log, log[-3000:]
     assert losses(tmp_path / "outage") == losses(s3_run)
