@@ -1,6 +1,6 @@
 """Tokens/s of the data pipeline on the real corpus: per worker, with 2 workers, and pre-tokenized.
 
-Converts the Shakespeare corpus (``hyperloop data prepare`` obtains it) into paragraph-sized documents as
+Converts the default corpus (``english``; ``hyperloop data prepare`` obtains it) into paragraph-sized documents as
 jsonl and parquet shards, then times the streaming pipeline reading, tokenizing and packing them: one slot
 in-process ("per worker"), and a rank with 2 DataLoader worker processes. The same parquet shards are read
 from S3 too: moto's server (``moto[server]``, a dev extra) in a child process on loopback, started here.

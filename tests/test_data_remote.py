@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hyperloop_dist import cli
+from hyperloop_dist.data.remote import RETRY_MARGIN_S
 from hyperloop_dist.data.stream import (
     DataError,
     DataStats,
@@ -200,3 +201,21 @@ def test_an_outage_mid_read_retries_and_keeps_the_token_stream(s3, s3_run: Path,
     log = out.stdout + out.stderr  # (the launcher passes the ranks' stderr on in its stdout)
     assert f"s3://{shard}" in log and "retry 1 in" in log, log[-3000:]
     assert losses(tmp_path / "outage") == losses(s3_run)
+
+
+def test_the_hang_watchdog_waits_out_the_data_retries(tmp_path: Path) -> None:
+    """A remote source's outage ends as the pipeline's error naming it, not as a hang: the automatic step
+    allowance is over data.retry_s, and an explicit one that is not is refused at load."""
+    from hyperloop_dist.config import ConfigError, load_config
+    from hyperloop_dist.train import hang
+    from hyperloop_dist.train.trainer import _min_step_allowance
+
+    remote = ["data.corpus=sources", f"data.sources=[{{path: 's3://{BUCKET}/web/*.parquet'}}]", "data.retry_s=300"]
+    floor = _min_step_allowance(load_config(None, remote))
+    assert floor == 300 + RETRY_MARGIN_S and _min_step_allowance(load_config(None, [])) == hang.MIN_STEP_TIMEOUT_S
+    watchdog = hang.HangWatchdog(tmp_path, 0, 1, "0", hang.Allowances(1800.0, None, 900.0, min_step_s=floor))
+    watchdog.section("step", 1)
+    watchdog.step_times.extend([0.05] * 10)  # fast steps: 10 x the median is far below the floor
+    assert watchdog.allowance() == floor
+    with pytest.raises(ConfigError, match=r"train.hang_timeout_s=60.0: must be more than data.retry_s=300.0"):
+        load_config(None, [*remote, "train.hang_timeout_s=60"])
