@@ -117,9 +117,17 @@ def changed_message(what: str, path: str, listed: str, now: str) -> str:
 
 
 def version(info: dict[str, Any]) -> str:
-    """What identifies a remote file's bytes in its fsspec info: size, and the ETag where the store has one."""
-    etag = info.get("ETag") or info.get("etag")
-    return f"size {info.get('size')}" + (f", ETag {str(etag).strip(chr(34))}" if etag else "")
+    """What identifies a remote file's bytes in its fsspec info: size and ETag, those the store gives."""
+    etag, size = info.get("ETag") or info.get("etag"), info.get("size")
+    parts = ([f"size {size}"] if size is not None else []) + ([f"ETag {str(etag).strip(chr(34))}"] if etag else [])
+    return ", ".join(parts)
+
+
+def changed(listed: str, now: str) -> bool:
+    """Two :func:`version` strings differ in a field both have (a listing and a file's own info may not
+    give the same fields, e.g. over https)."""
+    a, b = (dict(part.split(" ", 1) for part in v.split(", ") if part) for v in (listed, now))
+    return any(a[k] != b[k] for k in a.keys() & b.keys())
 
 
 def gone_message(what: str, path: str) -> str:
@@ -262,7 +270,7 @@ class ShardSpool:
         listed = self.versions.get(url)
         if listed:
             now = version(getattr(src, "details", None) or fs.info(path))
-            if now != listed:
+            if changed(listed, now):
                 raise RemoteError(changed_message(self.what, url, listed, now))
 
     def _take(self, url: str) -> str:

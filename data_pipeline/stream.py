@@ -106,17 +106,17 @@ def resolve_source(pattern: str, fmt: str = "auto", text_field: str = "text", we
 
 def _check_unchanged(pattern: str, files: list[str], versions: dict[str, str], now: dict[str, str]) -> None:
     """Each file a run listed at its start is still there, with the size and ETag it had then."""
-    from hyperloop_dist.data.remote import changed_message, gone_message
+    from hyperloop_dist.data.remote import changed, changed_message, gone_message
 
     what = f"data source {pattern!r}"
     gone = [f for f in files if f not in now]
     if gone:
         more = f" ({len(gone)} of its {len(files)} files are gone)" if len(gone) > 1 else ""
         raise DataError(gone_message(what, gone[0]) + more)
-    changed = [f for f in files if versions.get(f) and now[f] and now[f] != versions[f]]
-    if changed:
-        more = f" ({len(changed)} of its {len(files)} files have changed)" if len(changed) > 1 else ""
-        raise DataError(changed_message(what, changed[0], versions[changed[0]], now[changed[0]]) + more)
+    replaced = [f for f in files if changed(versions.get(f, ""), now[f])]
+    if replaced:
+        more = f" ({len(replaced)} of its {len(files)} files have changed)" if len(replaced) > 1 else ""
+        raise DataError(changed_message(what, replaced[0], versions[replaced[0]], now[replaced[0]]) + more)
 
 
 def _list_files(pattern: str, storage_options: dict[str, Any], retry_s: float) -> dict[str, str]:
