@@ -2,7 +2,9 @@
 
 * **Listing.** A remote path, directory or glob is listed once, sorted, when the run starts; the data state
   in every checkpoint keeps that listing, so a resumed run reads the same files even if the bucket has
-  changed since (:func:`list_files`).
+  changed since (:func:`list_files`). It keeps each file's size and ETag too (its *version*): a listed file
+  replaced since is an error naming it when the run resumes or when its copy starts, never a silent read
+  of other bytes.
 * **Reading.** Each shard is copied to a local spool file and parsed there by the same code as a local
   file: the records, their order and the bad-input counters are those of the local file with the same
   bytes. A failure in the middle of a copy resumes the copy at its byte offset, so no record is read twice
@@ -39,6 +41,9 @@ from hyperloop_dist.data.errors import DataError
 T = TypeVar("T")
 COPY_CHUNK = 4 << 20  # bytes per read of a remote shard
 MAX_BACKOFF_S = 15.0
+# What one attempt may take beyond data.retry_s before the retries give up (botocore's connect and read
+# timeouts are 60 s each): the hang watchdog allows a step data.retry_s plus this.
+RETRY_MARGIN_S = 90.0
 PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EINVAL}
 
 
@@ -51,6 +56,11 @@ def is_remote(path: str) -> bool:
     from fsspec.utils import get_protocol
 
     return "://" in path and get_protocol(path) not in ("file", "local")
+
+
+def reads_remote(cfg: Any) -> bool:
+    """The recipe's training data includes a remote source (a hyperloop_dist.config.Config)."""
+    return cfg.data.corpus == "sources" and any(is_remote(s.path) for s in cfg.data.sources)
 
 
 def has_glob(path: str) -> bool:
@@ -99,6 +109,27 @@ def _permanent_message(what: str, url: str, exc: BaseException) -> str:
     return f"{what}: {url} cannot be read ({_first_line(exc)}); check the path and the source's storage_options"
 
 
+def changed_message(what: str, path: str, listed: str, now: str) -> str:
+    return (f"{what}: {path} has changed since the run listed it ({listed} then, {now} now). A run reads exactly "
+            "the files it listed when it started (its checkpoints keep the listing with each file's size and "
+            "ETag), so reading other bytes would change the token stream unnoticed: restore the file as it was, "
+            "or start a new run (another train.run_dir) to read the source as it is now")
+
+
+def version(info: dict[str, Any]) -> str:
+    """What identifies a remote file's bytes in its fsspec info: size and ETag, those the store gives."""
+    etag, size = info.get("ETag") or info.get("etag"), info.get("size")
+    parts = ([f"size {size}"] if size is not None else []) + ([f"ETag {str(etag).strip(chr(34))}"] if etag else [])
+    return ", ".join(parts)
+
+
+def changed(listed: str, now: str) -> bool:
+    """Two :func:`version` strings differ in a field both have (a listing and a file's own info may not
+    give the same fields, e.g. over https)."""
+    a, b = (dict(part.split(" ", 1) for part in v.split(", ") if part) for v in (listed, now))
+    return any(a[k] != b[k] for k in a.keys() & b.keys())
+
+
 def gone_message(what: str, path: str) -> str:
     return (f"{what}: {path} was listed when the run started and is gone now. A run reads exactly the files it "
             "listed then (its checkpoints keep the listing), so a missing one is an error, never a skip: restore "
@@ -134,21 +165,22 @@ def retrying(attempt: Callable[[], T], what: str, url: str, retry_s: float) -> T
 
 
 def list_files(what: str, pattern: str, storage_options: dict[str, Any], retry_s: float,
-               suffixes: tuple[str, ...]) -> list[str]:
-    """The sorted URLs a remote file, directory (files with one of ``suffixes``) or glob names."""
+               suffixes: tuple[str, ...]) -> dict[str, str]:
+    """The URLs a remote file, directory (files with one of ``suffixes``) or glob names, sorted, each with
+    its :func:`version`."""
     fs, path = _filesystem(pattern, storage_options)
 
-    def listing() -> list[str]:
+    def listing() -> dict[str, str]:
         fs.invalidate_cache()  # a listing cached earlier in this process is not the bucket now
         if has_glob(path):
-            found = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
+            found = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"}
         elif fs.isdir(path):
-            found = [p for p in fs.find(path) if Path(p).suffix in suffixes]
+            found = {p: info for p, info in fs.find(path, detail=True).items() if Path(p).suffix in suffixes}
         else:
-            found = [path] if fs.isfile(path) else []
+            found = {path: fs.info(path)} if fs.isfile(path) else {}
         if not found:
             _explain_nothing(fs, path, pattern)
-        return sorted(fs.unstrip_protocol(p) for p in found)
+        return {fs.unstrip_protocol(p): version(found[p]) for p in sorted(found)}
 
     return retrying(listing, what, pattern, retry_s)
 
@@ -181,13 +213,18 @@ def _clean_stale_spools(prefix: str) -> None:
 class ShardSpool:
     """Local copies of one reader's remote shards: the one being read, and the next one copied ahead.
 
-    ``ready``/``waited`` count the shards whose prefetched copy was complete / still in flight when the
-    reader reached them (the benchmark reports them).
+    ``ready``/``waited`` count the shards whose prefetched copy was complete / not (still in flight, or
+    none: the first shard) when the reader reached them, and ``wait_s`` the seconds it waited for copies
+    (the benchmark reports them). ``versions``: the listed :func:`version` of each URL,
+    checked as each copy starts.
     """
 
-    def __init__(self, what: str, storage_options: dict[str, Any], retry_s: float) -> None:
+    def __init__(self, what: str, storage_options: dict[str, Any], retry_s: float,
+                 versions: dict[str, str] | None = None) -> None:
         self.what, self.storage_options, self.retry_s = what, storage_options, retry_s
+        self.versions = versions or {}
         self.ready = self.waited = self.copied = 0
+        self.wait_s = 0.0
         self._dir: str | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: tuple[str, str, Future[str]] | None = None  # (url, local path, its copy)
@@ -208,8 +245,10 @@ class ShardSpool:
 
         def attempt() -> str:
             done = os.path.getsize(dest) if os.path.exists(dest) else 0
+            fs.invalidate_cache(path)  # (the listing's cached details are not the file now)
             try:
                 with fs.open(path, "rb") as src, open(dest, "ab") as out:
+                    self._check_version(url, src, fs, path)
                     if done:
                         src.seek(done)
                     while chunk := src.read(COPY_CHUNK):
@@ -227,7 +266,21 @@ class ShardSpool:
         self.copied += 1
         return result
 
+    def _check_version(self, url: str, src: Any, fs: Any, path: str) -> None:
+        listed = self.versions.get(url)
+        if listed:
+            now = version(getattr(src, "details", None) or fs.info(path))
+            if changed(listed, now):
+                raise RemoteError(changed_message(self.what, url, listed, now))
+
     def _take(self, url: str) -> str:
+        start = time.perf_counter()
+        try:
+            return self._ready_copy(url)
+        finally:
+            self.wait_s += time.perf_counter() - start
+
+    def _ready_copy(self, url: str) -> str:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             ahead_url, local, copying = ahead
@@ -239,6 +292,7 @@ class ShardSpool:
                 copying.result()
             with contextlib.suppress(OSError):
                 os.remove(local)
+        self.waited += 1
         return self.copy(url, self._local_path())
 
     def _prefetch(self, url: str) -> None:
@@ -247,6 +301,18 @@ class ShardSpool:
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         local = self._local_path()
         self._ahead = (url, local, self._pool.submit(self.copy, url, local))
+
+    def close(self) -> None:
+        """Stop the prefetch (waiting for a copy in flight) and delete the spool: nothing reads on after."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[2].cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     @contextlib.contextmanager
     def shard(self, url: str, next_url: str | None = None, in_order: bool = True) -> Iterator[str]:

@@ -11,18 +11,22 @@ from hyperloop_dist.data.corpus import corpus_files, split_files
 from hyperloop_dist.data.stream import DataError, DataStats, Source, _SourceReader, resolve_source
 
 
-def configured_source(spec: SourceConfig, cfg: Config, listed: list[str] | None = None) -> Source:
+def configured_source(spec: SourceConfig, cfg: Config, listed: list[str] | None = None,
+                      versions: list[str] | None = None) -> Source:
     return resolve_source(spec.path, spec.format, spec.text_field, spec.weight, spec.storage_options,
-                          cfg.data.retry_s, listed)
+                          cfg.data.retry_s, listed, versions)
 
 
-def train_sources(cfg: Config, listing: list[list[str]] | None = None) -> list[Source]:
+def train_sources(cfg: Config, listing: list[list[str]] | None = None,
+                  versions: list[list[str]] | None = None) -> list[Source]:
     """The training mixture: the corpus's training works, or the configured sources (listed now, or read
-    from ``listing``, the files a checkpoint recorded per source)."""
+    from ``listing``, the files a checkpoint recorded per source, with their remote ``versions``)."""
     d = cfg.data
     if d.corpus == "sources":
         listing = listing or [None] * len(d.sources)
-        return [configured_source(s, cfg, files) for s, files in zip(d.sources, listing, strict=True)]
+        versions = versions or [None] * len(d.sources)
+        return [configured_source(s, cfg, files, v) for s, files, v in zip(d.sources, listing, versions,
+                                                                           strict=True)]
     if listing:
         return [Source(name=d.dir, files=tuple(listing[0]), fmt="text")]
     train, _ = split_files(corpus_files(d.dir), d.heldout_fraction)
@@ -35,7 +39,7 @@ def listed_sources(cfg: Config, state: dict[str, Any] | None) -> list[Source]:
     import torch.distributed as dist
 
     if state is not None and "files" in state:
-        return train_sources(cfg, state["files"])
+        return train_sources(cfg, state["files"], state.get("versions"))
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return train_sources(cfg)
     box: list[object] = [None]

@@ -58,6 +58,7 @@ class Source:
     weight: float = 1.0
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False)  # fsspec, for remote files
     retry_s: float = DEFAULT_RETRY_S
+    versions: dict[str, str] = field(default_factory=dict, hash=False)  # remote file -> its size and ETag
 
     @property
     def remote(self) -> bool:
@@ -68,27 +69,24 @@ class Source:
 
 def resolve_source(pattern: str, fmt: str = "auto", text_field: str = "text", weight: float = 1.0,
                    storage_options: dict[str, Any] | None = None, retry_s: float = DEFAULT_RETRY_S,
-                   listed: list[str] | None = None) -> Source:
+                   listed: list[str] | None = None, versions: list[str] | None = None) -> Source:
     """Expand a path, directory or glob, local or any fsspec URL, into a Source; every problem is reported
-    before training starts. ``listed``: the sorted files a checkpoint recorded when the run started; the
-    source reads exactly those again, and each must still exist."""
+    before training starts. ``listed``: the sorted files a checkpoint recorded when the run started, and
+    ``versions`` their remote sizes and ETags; the source reads exactly those again, and each must still
+    exist, unchanged."""
     storage_options = dict(storage_options or {})
     if listed is None:
-        files = _list_files(pattern, storage_options, retry_s)
+        found = _list_files(pattern, storage_options, retry_s)
+        files, listed_versions = list(found), {f: v for f, v in found.items() if v}
     else:
-        files = list(listed)
+        files, listed_versions = list(listed), {f: v for f, v in zip(listed, versions or [], strict=False) if v}
         try:
-            now = set(_list_files(pattern, storage_options, retry_s))
+            now = _list_files(pattern, storage_options, retry_s)
         except DataError as exc:
             if exc.__class__ is not DataError:  # a remote failure (denied, no bucket, outage) as it is
                 raise
-            now = set()
-        gone = [f for f in files if f not in now]
-        if gone:
-            from hyperloop_dist.data.remote import gone_message
-
-            more = f" ({len(gone)} of its {len(files)} files are gone)" if len(gone) > 1 else ""
-            raise DataError(gone_message(f"data source {pattern!r}", gone[0]) + more)
+            now = {}
+        _check_unchanged(pattern, files, listed_versions, now)
     if fmt == "auto":
         kinds = {FORMATS.get(Path(f).suffix) for f in files}
         if None in kinds or len(kinds) != 1:
@@ -99,20 +97,38 @@ def resolve_source(pattern: str, fmt: str = "auto", text_field: str = "text", we
         raise DataError(f"data source {pattern!r}: format {fmt!r} is not one of jsonl, parquet, text")
     if weight <= 0:
         raise DataError(f"data source {pattern!r}: weight {weight} must be > 0")
-    source = Source(pattern, tuple(files), fmt, text_field, weight, storage_options, retry_s)
+    source = Source(pattern, tuple(files), fmt, text_field, weight, storage_options, retry_s, listed_versions)
     if fmt == "parquet" and not source.remote:  # (remote shards are checked when their copy arrives)
         for f in files:
             _check_parquet_magic(pattern, f)
     return source
 
 
-def _list_files(pattern: str, storage_options: dict[str, Any], retry_s: float) -> list[str]:
+def _check_unchanged(pattern: str, files: list[str], versions: dict[str, str], now: dict[str, str]) -> None:
+    """Each file a run listed at its start is still there, with the size and ETag it had then."""
+    from hyperloop_dist.data.remote import changed, changed_message, gone_message
+
+    what = f"data source {pattern!r}"
+    gone = [f for f in files if f not in now]
+    if gone:
+        more = f" ({len(gone)} of its {len(files)} files are gone)" if len(gone) > 1 else ""
+        raise DataError(gone_message(what, gone[0]) + more)
+    replaced = [f for f in files if changed(versions.get(f, ""), now[f])]
+    if replaced:
+        more = f" ({len(replaced)} of its {len(files)} files have changed)" if len(replaced) > 1 else ""
+        raise DataError(changed_message(what, replaced[0], versions[replaced[0]], now[replaced[0]]) + more)
+
+
+def _list_files(pattern: str, storage_options: dict[str, Any], retry_s: float) -> dict[str, str]:
+    """The sorted files ``pattern`` names, each with its remote version ("" for a local file)."""
     from hyperloop_dist.data.remote import has_glob, is_remote, list_files
 
     path = Path(pattern)
     glob_like = has_glob(pattern)
+    versions: dict[str, str] = {}
     if is_remote(pattern):
-        files = list_files(f"data source {pattern!r}", pattern, storage_options, retry_s, tuple(FORMATS))
+        versions = list_files(f"data source {pattern!r}", pattern, storage_options, retry_s, tuple(FORMATS))
+        files = list(versions)
         if not files and not glob_like:
             raise DataError(f"data source {pattern!r} does not exist; check the URL (globs like "
                             "'s3://bucket/dir/*.parquet' work)")
@@ -129,7 +145,7 @@ def _list_files(pattern: str, storage_options: dict[str, Any], retry_s: float) -
     missing = [f for f in files if not is_remote(f) and not Path(f).is_file()]
     if missing:
         raise DataError(f"data source {pattern!r}: {missing[0]} is not a readable file")
-    return files
+    return {f: versions.get(f, "") for f in files}
 
 
 def _check_parquet_magic(source: str, path: str, name: str | None = None) -> None:
@@ -286,7 +302,13 @@ class _SourceReader:
         if source.remote:
             from hyperloop_dist.data.remote import ShardSpool
 
-            self.spool = ShardSpool(f"data source {source.name!r}", source.storage_options, source.retry_s)
+            self.spool = ShardSpool(f"data source {source.name!r}", source.storage_options, source.retry_s,
+                                    source.versions)
+
+    def close(self) -> None:
+        """Stop a remote source's background copy: nothing reads on once the reader is done with."""
+        if self.spool is not None:
+            self.spool.close()
 
     @contextlib.contextmanager
     def _shard(self, f: int, ahead: bool = True) -> Iterator[str]:
@@ -442,6 +464,10 @@ class SlotStream:
         self.buffered -= self.window
         return np.concatenate(out)
 
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
     def state(self) -> SlotState:
         if not self.buffer:
             return SlotState([r.position for r in self.readers], self.draw, 0, dict(self.stats.counts))
@@ -486,6 +512,7 @@ class StreamLoader:
                        "micro_batch_size": micro_batch_size, "sources": [s.name for s in sources]}
         self.dp_rank = dp_rank
         self.files = [list(s.files) for s in sources]  # the listing made at the run's start
+        self.versions = [[s.versions.get(f, "") for f in s.files] for s in sources]
         self.states: dict[int, SlotState] = {}
         self.consumed = 0
         if state is not None:
@@ -550,5 +577,5 @@ class StreamLoader:
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        return {"layout": self.layout, "consumed": self.consumed, "files": self.files,
+        return {"layout": self.layout, "consumed": self.consumed, "files": self.files, "versions": self.versions,
                 "slots": {str(k): v.to_json() for k, v in self.states.items()}}

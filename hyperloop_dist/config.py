@@ -482,11 +482,26 @@ def validate(cfg: Config) -> None:
     _require(t.run_dir != "", "train.run_dir: must name a directory")
     if t.hang_timeout_s is not None:
         _positive("train.hang_timeout_s", t.hang_timeout_s, zero_ok=True)
+    _hang_allows_data_retries(cfg)
     _positive("train.hang_setup_timeout_s", t.hang_setup_timeout_s)
     _positive("train.hang_checkpoint_timeout_s", t.hang_checkpoint_timeout_s)
     _one_of("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
     _validate_eval(cfg)
     validate_export(cfg.export, cfg.model)
+
+
+def _hang_allows_data_retries(cfg: Config) -> None:
+    """An outage of a remote source that the pipeline is still retrying must not be reported as a hang."""
+    from hyperloop_dist.data.remote import reads_remote
+
+    t, retry_s = cfg.train, cfg.data.retry_s
+    if not reads_remote(cfg):
+        return
+    for name, value in (("hang_timeout_s", t.hang_timeout_s), ("hang_setup_timeout_s", t.hang_setup_timeout_s)):
+        _require(not value or value > retry_s,
+                 f"train.{name}={value}: must be more than data.retry_s={retry_s} with remote data sources, or "
+                 "a network outage still being retried would be reported as a hang; raise it, or lower "
+                 "data.retry_s")
 
 
 def _validate_eval(cfg: Config) -> None:

@@ -6,7 +6,8 @@ A step directory holds the engine's model and optimizer shards in the engine's s
 under which layout) and, written here for every engine: ``rng/rank_XXXXX.pt``, each rank's CPU RNG and
 Megatron RNG-tracker states (restored when the layout is unchanged); ``meta.json``, the format version, step,
 optimizer step, LR-scheduler state, the layout and the model config; ``data/dp_XXXXX.json``, the streaming
-pipeline's position of each data-parallel replica; ``config.yaml`` and ``tokenizer.model``, the run's
+pipeline's position of each data-parallel replica, and ``data/listing.json``, the source files it reads (the
+same for every replica: stored once); ``config.yaml`` and ``tokenizer.model``, the run's
 recipe and tokenizer.
 
 Nothing is unpickled beyond tensors and plain values (``torch.load(weights_only=True)``); the files
@@ -29,6 +30,7 @@ from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import RUNTIME_MODEL_FIELDS, Config, dump_config
 
 FORMAT_VERSION = 3
+SHARED_DATA_KEYS = ("files", "versions")  # the data state every replica has alike: data/listing.json
 OLD_HC_FORMATS = (1, 2)  # before the paper's hyper-connection form
 HC_FORM_CHANGE = ("the Hyperloop's H_res became the paper's diagonal sigmoid gate (was a dense Sinkhorn matrix), "
                   "the loop writes the middle block's whole output (was F(x) - x), and the mhc baseline has two "
@@ -53,7 +55,11 @@ def write(directory: Path, cfg: Config, step: int, optimizer_step: int, schedule
     rank = dist.get_rank()
     if data_state is not None and _first_in_data_replica():
         (directory / "data").mkdir(exist_ok=True)
-        (directory / "data" / f"dp_{dp_rank:05d}.json").write_text(json.dumps(data_state))
+        shared = {k: data_state[k] for k in SHARED_DATA_KEYS if k in data_state}
+        own = {k: v for k, v in data_state.items() if k not in shared}
+        (directory / "data" / f"dp_{dp_rank:05d}.json").write_text(json.dumps(own))
+        if dp_rank == 0 and shared:
+            (directory / "data" / "listing.json").write_text(json.dumps(shared))
     (directory / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), directory / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
@@ -76,8 +82,10 @@ def _first_in_data_replica() -> bool:
 
 def load_data_state(path: Path, dp_rank: int) -> dict[str, Any] | None:
     """The data pipeline's position for this data-parallel rank (None: the run used stateless windows)."""
-    state = path / "data" / f"dp_{dp_rank:05d}.json"
-    return json.loads(state.read_text()) if state.is_file() else None
+    state, listing = path / "data" / f"dp_{dp_rank:05d}.json", path / "data" / "listing.json"
+    if not state.is_file():
+        return None
+    return {**json.loads(state.read_text()), **(json.loads(listing.read_text()) if listing.is_file() else {})}
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -4,7 +4,9 @@ A rank stuck in a collective (a dead or wedged peer, a deadlock, a hung filesyst
 backend timeout, or forever on gloo, and says nothing. The trainer reports progress as *beats*: entering a
 section (``setup``, ``step``, ``eval``, ``checkpoint``) and points inside a step (data fetched, backward
 done). Each section has its own allowance; a step's is ``train.hang_timeout_s`` or, by default,
-``max(120 s, 10 x the median step time)`` once the warm-up steps are measured.
+``max(120 s, 10 x the median step time)`` once the warm-up steps are measured; with remote data sources
+the floor is ``data.retry_s`` + 90 s where that is more, so an outage the data pipeline is still retrying
+is not reported as a hang (the retries give up first, with an error naming the source).
 
 When a rank's allowance runs out (a *trip*), or it sees another rank's trip marker in
 ``<run_dir>/hang/``, it writes its Python stacks (``faulthandler``, every thread; NCCL's flight recorder
@@ -49,6 +51,7 @@ class Allowances:
     setup_s: float
     step_s: float | None  # None: automatic (setup allowance until warmed up, then from the step times)
     checkpoint_s: float
+    min_step_s: float = MIN_STEP_TIMEOUT_S  # the automatic step allowance's floor
 
     def __post_init__(self) -> None:
         for name in ("setup_s", "checkpoint_s"):
@@ -186,7 +189,7 @@ class HangWatchdog:
         measured = list(self.step_times)[WARMUP_STEPS:]
         if not measured:
             return a.setup_s  # the first steps compile, allocate and warm caches
-        return max(MIN_STEP_TIMEOUT_S, STEP_TIMEOUT_FACTOR * statistics.median(measured))
+        return max(a.min_step_s, STEP_TIMEOUT_FACTOR * statistics.median(measured))
 
     def median_compute_s(self) -> float | None:
         times = list(self.compute_times)[1:] or list(self.compute_times)  # the first step is warm-up

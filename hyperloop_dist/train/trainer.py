@@ -217,11 +217,20 @@ def _evaluator(cfg: Config, engine: engines.Engine, info: RankInfo, say: Callabl
                         pipelined=engine.pipelined, log=say)
 
 
+def _min_step_allowance(cfg: Config) -> float:
+    """The automatic step allowance's floor: over the data pipeline's retries of a remote source, so an
+    outage ends as the pipeline's error naming the source rather than as a hang."""
+    from hyperloop_dist.data.remote import RETRY_MARGIN_S, reads_remote
+
+    floor = hang.MIN_STEP_TIMEOUT_S
+    return max(floor, cfg.data.retry_s + RETRY_MARGIN_S) if reads_remote(cfg) else floor
+
+
 def _start_watchdog(cfg: Config, run_dir: Path, info: RankInfo, attempt: str) -> None:
     t = cfg.train
     requeue = t.requeue_on_hang if t.requeue_on_hang is not None else "SLURM_JOB_ID" in os.environ
     allowances = hang.Allowances(setup_s=t.hang_setup_timeout_s, step_s=t.hang_timeout_s or None,
-                                 checkpoint_s=t.hang_checkpoint_timeout_s)
+                                 checkpoint_s=t.hang_checkpoint_timeout_s, min_step_s=_min_step_allowance(cfg))
     watchdog = hang.HangWatchdog(run_dir, info.rank, info.world_size, attempt, allowances, requeue=requeue,
                                  what=f"{cfg.parallel.engine} engine")
     watchdog.start(watch=t.hang_timeout_s != 0)
