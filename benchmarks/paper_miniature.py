@@ -7,7 +7,7 @@ Each kind is the tiny-cpu recipe (`recipes/tiny-cpu.yaml`: d 128, 1/2/1 layers x
 corpus, 2 processes) with only ``model.kind`` changed; the Transformer and mHC unroll the loops into 8
 distinct layers. Every model is scored on the same held-out windows (the held-out play), in bf16 storage
 and after INT4 weight-only RTN quantization exactly as ``hyperloop export --int4`` does it
-(``benchmarks/quantization.py`` holds the scoring). About 15 minutes on 2 cores at the default 300 steps.
+(``benchmarks/int4_compare.py`` holds the scoring). About 15 minutes on 2 cores at the default 300 steps.
 
     python benchmarks/paper_miniature.py
     python benchmarks/paper_miniature.py --steps 600 --runs runs/miniature      # keeps and reuses the runs
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from quantization import evaluate  # benchmarks/ is on sys.path when this script runs
+from int4_compare import evaluate  # benchmarks/ is on sys.path when this script runs
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("hyperloop", "looped", "mhc", "transformer")

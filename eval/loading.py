@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from hyperloop_dist.checkpoint.store import CheckpointError
 from hyperloop_dist.config import ModelConfig
 from hyperloop_dist.data.tokenizer import load_tokenizer
 
@@ -92,8 +93,11 @@ def _is_int4_release(path: Path) -> bool:
 def _load_int4_release(path: Path) -> LoadedModel:
     from hyperloop_dist.export.compressed import WEIGHTS, load_int4_release
 
+    config = json.loads((path / "config.json").read_text())
+    if "quantized" in config:
+        return _load_quantized_release(path, config["quantized"])
     model = load_int4_release(path)
-    info = json.loads((path / "config.json").read_text()).get("int4", {})
+    info = config.get("int4", {})
     notes = [("INT4", f"{info.get('method', '?')}, group size {info.get('group_size', '?')}, "
                       f"{(path / WEIGHTS).stat().st_size / 1e6:.2f} MB on disk")]
     if "bf16_heldout_loss" in info:
@@ -103,6 +107,26 @@ def _load_int4_release(path: Path) -> LoadedModel:
     if "bf16_weights_bytes" in info:
         notes.append(("bf16 weights would take", f"{info['bf16_weights_bytes'] / 1e6:.2f} MB"))
     return LoadedModel(model, model.cfg, path / "tokenizer.model", f"INT4 release {path}", notes)
+
+
+def _load_quantized_release(path: Path, info: dict) -> LoadedModel:
+    """An llm-compressor release (``hyperloop export --quantize``). A weight-only scheme loads as its
+    dequantized weights, exactly what its quantized forward computes; a scheme that also quantizes
+    activations cannot be evaluated that way, so it is refused rather than reported as if unquantized."""
+    from hyperloop_dist.export.compressed import load_int4_release
+
+    scheme = info["scheme"]
+    if not scheme.startswith("W4A16"):
+        raise CheckpointError(f"{path}: a {scheme} release quantizes activations too, which hyperloop eval's "
+                              f"models do not; its held-out loss at export is in config.json (quantized."
+                              f"heldout_loss = {info['heldout_loss']:.4f}); run it through AutoModelForCausalLM "
+                              "or vLLM for other measurements")
+    model = load_int4_release(path)
+    notes = [(scheme, f"{info['description']} (llm-compressor)"),
+             ("at export (same held-out windows)",
+              f"bf16 {info['bf16_heldout_loss']:.4f} vs {scheme} {info['heldout_loss']:.4f} "
+              f"(gap {info['heldout_loss'] - info['bf16_heldout_loss']:+.4f}, {info['heldout_tokens']:,} tokens)")]
+    return LoadedModel(model, model.cfg, path / "tokenizer.model", f"{scheme} release {path}", notes)
 
 
 LOADERS: list[tuple[str, Callable[[Path], bool], Callable[[Path], LoadedModel]]] = [

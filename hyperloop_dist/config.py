@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from hyperloop_dist.data.remote import reads_remote
 from hyperloop_dist.model.hyper_connections import HC_KINDS, HC_RES_MODES, KINDS, LOOPED_KINDS
 
 
@@ -492,8 +493,6 @@ def validate(cfg: Config) -> None:
 
 def _hang_allows_data_retries(cfg: Config) -> None:
     """An outage of a remote source that the pipeline is still retrying must not be reported as a hang."""
-    from hyperloop_dist.data.remote import reads_remote
-
     t, retry_s = cfg.train, cfg.data.retry_s
     if not reads_remote(cfg):
         return

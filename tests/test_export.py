@@ -185,7 +185,7 @@ def test_cli_exports_int4_from_a_run_directory(run: Path, tiny_data: list[str], 
     gap = info["int4"]["heldout_loss"] - info["int4"]["bf16_heldout_loss"]
     assert f"(gap {gap:+.4f})" in card and "training steps / tokens | 200 /" in card and (out / "tokenizer.json").is_file()
     again = subprocess.run([*cmd[:-2], str(out), str(tmp_path / "again")], capture_output=True, text=True)
-    assert again.returncode == 2 and "already an INT4 release" in again.stderr
+    assert again.returncode == 2 and "already a quantized release" in again.stderr
 
     # `hyperloop eval` on the INT4 release: its own held-out loss next to the bf16 figure and both sizes.
     results = tmp_path / "eval.json"

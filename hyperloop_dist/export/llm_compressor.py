@@ -264,7 +264,7 @@ def export_quantized(source: str | Path, out: str | Path, scheme: str, overrides
     description = SCHEMES[scheme].description.format(group=e.group_size)
     log(f"quantizing {cfg.model.kind} with llm-compressor: {scheme} ({description}"
         f"{f'; {len(calibration)} calibration batches' if calibration else ''})")
-    hf = transformers_model(model)
+    hf = transformers_model(model).to(STORAGE_DTYPE)  # what is not quantized is stored in bf16, as --int4 does
     start = time.perf_counter()
     quantize_in_memory(hf, scheme, e, calibration, cfg.data.tokenizer)
     seconds = time.perf_counter() - start

@@ -46,7 +46,8 @@ def load_source(source: str | Path, overrides: list[str]) -> tuple[ReferenceMode
     source = Path(source)
     if (source / "config.json").is_file():
         if is_int4_release(source):
-            raise CheckpointError(f"{source} is already an INT4 release; export from its checkpoint or bf16 release")
+            raise CheckpointError(f"{source} is already a quantized release; export from its checkpoint or its "
+                                  "full-precision release")
         model = load_release(source)
         cfg = load_config(None, overrides)
         cfg.model = release_config(source)  # a release carries no data config: data.* comes from overrides
