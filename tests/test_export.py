@@ -254,7 +254,7 @@ with torch.no_grad():
     result["cached"], result["uncached"] = greedy(model, True), greedy(model, False)
     model.config.num_loops_inference = 1
     result["logits_1_loop"] = model(input_ids=tokens).logits
-    tokenizer = AutoTokenizer.from_pretrained(release)
+    tokenizer = AutoTokenizer.from_pretrained(release, trust_remote_code=True)
     result["ids"] = [tokenizer(text)["input_ids"] for text in job["texts"]]
     result["decoded"] = [tokenizer.decode(ids) for ids in result["ids"]]
     q = AutoModelForCausalLM.from_pretrained(int4, trust_remote_code=True, dtype=torch.bfloat16)
