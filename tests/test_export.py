@@ -142,6 +142,31 @@ def test_gptq_hessian_gathers_every_loop_of_the_shared_middle_block(cfg, trained
     assert stats["end.layers.0.self_attention.linear_qkv"].rows == rows
 
 
+def test_llm_compressor_gptq_gathers_every_loop_too(cfg, trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--quantize W4A16`'s calibration (one whole forward per batch) feeds GPTQ's Hessian every call of the
+    shared middle block: L times the rows of the begin block's layers."""
+    from llmcompressor.modifiers.gptq.base import GPTQModifier
+
+    from hyperloop_dist.export.llm_compressor import quantize_in_memory, transformers_model
+
+    rows: dict[str, int] = {}
+    calibrate = GPTQModifier.calibrate_module
+
+    def counting(self, module, args, output):
+        name = self._module_names[module]
+        rows[name] = rows.get(name, 0) + args[0].reshape(-1, args[0].shape[-1]).shape[0]
+        return calibrate(self, module, args, output)
+
+    monkeypatch.setattr(GPTQModifier, "calibrate_module", counting)
+    batches = calibration_batches(cfg)[:2]
+    quantize_in_memory(transformers_model(trained).to(torch.bfloat16), "W4A16", cfg.export, batches,
+                       cfg.data.tokenizer)
+    tokens = sum(b.numel() for b in batches)
+    assert rows["model.begin.layers.0.mlp.linear_fc1"] == tokens
+    assert rows["model.middle.layers.1.mlp.linear_fc1"] == cfg.model.loops * tokens
+    assert rows["model.end.layers.0.self_attention.linear_qkv"] == tokens
+
+
 def test_gguf_container_holds_q4_0_of_the_quantized_weights(trained, gptq_release, tmp_path: Path) -> None:
     from hyperloop_dist.export.gguf_container import read_gguf, write_gguf
 
