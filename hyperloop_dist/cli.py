@@ -146,7 +146,7 @@ def _export_int4(settings: list[str], source: str, out: str, fmt: str | None) ->
 
 
 def _export_quantized(settings: list[str], source: str, out: str, scheme: str) -> int:
-    from hyperloop_dist.export.llm_compressor import export_quantized
+    from hyperloop_dist.export.quantize_release import export_quantized
 
     report = export_quantized(source, out, scheme, settings)
     print(f"{scheme} release written to {report.out} (llm-compressor, compressed-tensors; loads with "

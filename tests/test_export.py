@@ -19,9 +19,9 @@ from hyperloop_dist.export import int4
 from hyperloop_dist.export.compressed import WEIGHTS, load_int4_release, write_int4_release
 from hyperloop_dist.export.quantize_release import (
     calibration_batches,
-    heldout_loss,
     heldout_windows,
     load_source,
+    quantize_model,
     quantized_layer_bytes,
 )
 from hyperloop_dist.model.reference import ReferenceModel
@@ -72,7 +72,7 @@ def trained(source) -> ReferenceModel:
 @pytest.fixture(scope="module")
 def gptq_release(cfg, trained, tmp_path_factory: pytest.TempPathFactory):
     e = dataclasses.replace(cfg.export, method="gptq")
-    quantized = int4.quantize_model(trained, e, calibration_batches(cfg))
+    quantized = quantize_model(trained, e, calibration_batches(cfg), cfg.data.tokenizer)
     out = write_int4_release(trained, quantized, e, tmp_path_factory.mktemp("int4") / "release")
     return out, quantized
 
@@ -123,28 +123,31 @@ def test_int4_weights_are_at_most_0_3x_bf16_for_quantized_layers(gptq_release) -
     assert 0 < int4_bytes <= 0.3 * bf16_bytes, (int4_bytes, bf16_bytes)
 
 
-def test_gptq_loss_gap_is_smaller_than_rtn(cfg, trained, gptq_release) -> None:
-    windows = heldout_windows(cfg, cfg.export.heldout_windows)
-    bf16 = heldout_loss(int4.storage_rounded(copy.deepcopy(trained)), windows)
-    rtn = int4.quantize_model(trained, dataclasses.replace(cfg.export, method="rtn"))
-    gaps = {"rtn": heldout_loss(int4.apply_fake_quantized(copy.deepcopy(trained), rtn), windows) - bf16,
-            "gptq": heldout_loss(load_int4_release(gptq_release[0]), windows) - bf16}
-    assert gaps["gptq"] < gaps["rtn"] and gaps["rtn"] > 0, gaps
+def test_gptq_reconstructs_every_layers_outputs_better_than_rtn(cfg, trained, gptq_release) -> None:
+    """GPTQ's objective, per Linear: ``||X W_q^T - X W^T||`` over the layer's calibration inputs (every loop
+    pass of the shared middle block), smaller than RTN's. The held-out loss of this tiny model moves by
+    noise-sized amounts (docs/export.md: the loss comparison needs a model where RTN costs 0.02 nats)."""
+    gptq = gptq_release[1]
+    rtn = quantize_model(trained, dataclasses.replace(cfg.export, method="rtn"))
+    modules = {name: m for name, m in int4.target_modules(trained, cfg.export).items()}
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, name=name: inputs[name].append(args[0].detach()))
+             for name, m in modules.items()]
+    with torch.no_grad():
+        for tokens in calibration_batches(cfg)[:2]:
+            trained(tokens)
+    for h in hooks:
+        h.remove()
+    for name, module in modules.items():
+        x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs[name]])
+        reference = x @ module.weight.detach().T
+        error = {method: (x @ q.weights[name].T - reference).norm().item() for method, q in (("gptq", gptq), ("rtn", rtn))}
+        assert error["gptq"] < error["rtn"], (name, error)
 
 
-def test_gptq_hessian_gathers_every_loop_of_the_shared_middle_block(cfg, trained) -> None:
-    modules = int4.target_modules(trained, cfg.export)
-    batches = calibration_batches(cfg)[:2]
-    stats = int4.collect_hessians(trained, modules, batches)
-    rows = sum(b.numel() for b in batches)
-    assert stats["begin.layers.0.mlp.linear_fc1"].rows == rows
-    assert stats["middle.layers.1.mlp.linear_fc1"].rows == cfg.model.loops * rows
-    assert stats["end.layers.0.self_attention.linear_qkv"].rows == rows
-
-
-def test_llm_compressor_gptq_gathers_every_loop_too(cfg, trained, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--quantize W4A16`'s calibration (one whole forward per batch) feeds GPTQ's Hessian every call of the
-    shared middle block: L times the rows of the begin block's layers."""
+def test_gptq_hessian_gathers_every_loop_of_the_shared_middle_block(cfg, trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llm-compressor's GPTQ (`--int4 method=gptq`, `--quantize W4A16`), calibrated with one whole forward per
+    batch, feeds each Linear's Hessian every call: the shared middle block's get L times the begin block's rows."""
     from llmcompressor.modifiers.gptq.base import GPTQModifier
 
     from hyperloop_dist.export.llm_compressor import quantize_in_memory, transformers_model
@@ -243,7 +246,7 @@ def test_embedding_and_untied_head_quantize_when_asked(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = ReferenceModel(ModelConfig(hidden_size=64, vocab_size=256, loops=2, tie_embeddings=False)).eval()
     e = ExportConfig(group_size=GROUP, quantize_embedding=True, quantize_head=True)
-    quantized = int4.quantize_model(model, e)
+    quantized = quantize_model(model, e)
     assert {"embedding.word_embeddings", "output_layer"} <= set(quantized.weights)
     out = write_int4_release(model, quantized, e, tmp_path / "release")
     tokens = torch.randint(0, 256, (2, 16))
@@ -377,7 +380,8 @@ def test_llm_compressor_schemes_export_and_load_with_transformers_alone(run: Pat
     """Every `--quantize` scheme on the trained run: a compressed-tensors release whose held-out loss, loaded
     where hyperloop_dist and llm-compressor cannot be imported, is the one reported, within its bound."""
     from hyperloop_dist.cli import main
-    from hyperloop_dist.export.llm_compressor import SCHEMES, export_quantized
+    from hyperloop_dist.export.llm_compressor import SCHEMES
+    from hyperloop_dist.export.quantize_release import export_quantized
 
     settings = [f"export.group_size={GROUP}", "export.calibration_batches=2", "export.heldout_windows=16"]
     reports = {scheme: export_quantized(run, tmp_path / scheme, scheme, settings, log=lambda *_: None)

@@ -1,23 +1,19 @@
-"""INT4 weight-only quantization (symmetric, grouped): RTN and GPTQ, in compressed-tensors' own terms.
+"""INT4 weight-only quantization (symmetric, grouped), in compressed-tensors' own terms: targets, RTN, the
+fake-quantized weights our releases are written from.
 
 Scales come from compressed-tensors (``calculate_qparams``) and are kept in the release's storage dtype
 (bf16), and every fake-quantized weight is ``fake_quantize(W, scale)`` from the same library, so the
 weights that the library's decompressor (and so ``transformers`` or vLLM) rebuilds from the packed file
 are bit-identical to the ones we evaluate.
 
-GPTQ is our own (Frantar et al. 2022, the lazy-batch form without act-order, blocks aligned to groups),
-because of the looped middle block: its weights serve L passes, so each Linear's Hessian ``2/N sum x x^T``
-must gather the inputs of *all* L uses. A forward pre-hook on the shared module sees every call, so one
-calibration pass collects them all. (llmcompressor's GPTQ works by pipelines that trace and split the model
-into per-layer subgraphs and pins transformers / compressed-tensors versions of its own; see
-docs/export.md.) All Hessians come from one pass of the unquantized model: with shared weights there is no
-"previous layers already quantized" order to follow.
+GPTQ is llm-compressor's (``export/llm_compressor.py``: ``gptq_weights``). Ours, with the looped middle
+block's Hessian gathered over all L passes, was removed once ``benchmarks/int4_compare.py`` showed
+llm-compressor's, calibrated with one whole forward per batch, within 0.001 nats of it (docs/export.md).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +23,7 @@ from compressed_tensors.quantization import (
     QuantizationScheme,
 )
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-from compressed_tensors.quantization.utils import calculate_qparams, calculate_range
+from compressed_tensors.quantization.utils import calculate_qparams
 from torch import nn
 
 from hyperloop_dist.config import ConfigError, ExportConfig
@@ -84,85 +80,6 @@ def quantize_rtn(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Te
 
 
 @dataclass
-class HessianStats:
-    """Running ``sum x x^T`` of one Linear's inputs and how many rows went in."""
-
-    sum_xxt: torch.Tensor
-    rows: int = 0
-
-    def hessian(self) -> torch.Tensor:
-        return 2.0 * self.sum_xxt / max(self.rows, 1)
-
-
-def collect_hessians(model: nn.Module, modules: dict[str, nn.Module],
-                     batches: Iterable[torch.Tensor]) -> dict[str, HessianStats]:
-    """Run ``model(tokens)`` on each calibration batch, summing every call's inputs of every Linear.
-
-    A module called L times per forward (the looped middle block) adds all L inputs.
-    """
-    stats: dict[str, HessianStats] = {}
-    handles = []
-    for name, module in modules.items():
-        if not isinstance(module, nn.Linear):
-            continue  # an embedding has no input activations to weigh: it stays RTN
-        stats[name] = HessianStats(torch.zeros(module.in_features, module.in_features, dtype=torch.float64))
-
-        def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], s: HessianStats = stats[name]) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            s.sum_xxt += x.T @ x
-            s.rows += x.shape[0]
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for tokens in batches:
-                model(tokens)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
-def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, args: QuantizationArgs,
-                  dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ with groups: ``(fake-quantized weight (float32), scales)``.
-
-    Columns are quantized left to right; each column's rounding error is spread over the columns not yet
-    quantized through the inverse Hessian's Cholesky factor. A group's scale is taken when its first
-    column comes up, from the weights as updated so far (blocks equal groups, so they are up to date).
-    """
-    w = weight.detach().float().clone()
-    h = hessian.double().clone()
-    cols, group = w.shape[1], args.group_size
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += dampening * torch.diag(h).mean() * torch.eye(cols, dtype=h.dtype)
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    q_min, q_max = calculate_range(args, w.device)
-    scales = torch.empty(w.shape[0], cols // group, dtype=STORAGE_DTYPE)
-    for start in range(0, cols, group):
-        stop = start + group
-        block, h_blk = w[:, start:stop].clone(), h_inv[start:stop, start:stop]
-        errors = torch.zeros_like(block)
-        scale = group_scales(block, args)  # [out, 1]
-        scales[:, start // group] = scale[:, 0]
-        s = scale.float()
-        for i in range(group):
-            col = block[:, i:i + 1]
-            q = torch.clamp(torch.round(col / s), q_min, q_max)
-            deq = (q.to(STORAGE_DTYPE) * scale).float()  # what the decompressor will rebuild
-            err = (col - deq) / h_blk[i, i]
-            block[:, i:] -= err @ h_blk[i:i + 1, i:]
-            block[:, i] = deq[:, 0]
-            errors[:, i] = err[:, 0]
-        w[:, start:stop] = block
-        w[:, stop:] -= errors @ h_inv[start:stop, stop:]
-    # The exact library result for the final weights: GPTQ's own columns already are ``q * scale``.
-    return fake_quantize(w, scales, None, args), scales
-
-
-@dataclass
 class QuantizedWeights:
     """Per module name: the fake-quantized weight (float32) and its scales (storage dtype)."""
 
@@ -172,22 +89,13 @@ class QuantizedWeights:
     group_size: int
 
 
-def quantize_model(model: nn.Module, export: ExportConfig,
-                   calibration: Iterable[torch.Tensor] = ()) -> QuantizedWeights:
-    """Quantize the targeted weights of ``model`` (left unchanged) by ``export.method``."""
+def quantize_rtn_model(model: nn.Module, export: ExportConfig) -> QuantizedWeights:
+    """Round-to-nearest INT4 of the targeted weights of ``model`` (left unchanged)."""
     args = weight_args(export.group_size)
-    modules = target_modules(model, export)
-    hessians = collect_hessians(model, modules, calibration) if export.method == "gptq" else {}
-    if export.method == "gptq" and not any(s.rows for s in hessians.values()):
-        raise ValueError("GPTQ needs calibration batches; none were given")
     weights, scales = {}, {}
-    for name, module in modules.items():
-        if name in hessians:
-            weights[name], scales[name] = quantize_gptq(module.weight, hessians[name].hessian(), args,
-                                                        export.gptq_dampening)
-        else:
-            weights[name], scales[name] = quantize_rtn(module.weight, args)
-    return QuantizedWeights(weights, scales, export.method, export.group_size)
+    for name, module in target_modules(model, export).items():
+        weights[name], scales[name] = quantize_rtn(module.weight, args)
+    return QuantizedWeights(weights, scales, "rtn", export.group_size)
 
 
 def storage_rounded(model: nn.Module) -> nn.Module:

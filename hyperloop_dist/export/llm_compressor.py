@@ -9,7 +9,7 @@ the run's own training micro-batches as calibration data.
 dependent checks, a loop over a shared block) does not trace, and a subgraph per layer has no notion of one
 module serving L loop passes. A full forward fires every hook once per call, so the shared middle block's
 statistics (GPTQ's Hessian, AWQ's and SmoothQuant's activation scales) gather all L passes, and all of them
-come from the unquantized model, as in ``int4.py``. llm-compressor's own ``basic`` pipeline does the same
+come from the unquantized model. llm-compressor's own ``basic`` pipeline does the same
 forward, but runs the end-of-calibration step (where AWQ measures its reference outputs) with quantization
 already switched on and the scales not yet computed, which gives NaN outputs at random (0.14.0.1); ours
 runs that step with quantization off, as its ``sequential`` pipeline does.
@@ -18,11 +18,7 @@ runs that step with quantization off, as its ``sequential`` pipeline does.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hyperloop_dist.config import QUANT_SCHEMES, ConfigError, ExportConfig
-from hyperloop_dist.evaluation.heldout import heldout_windows
+from hyperloop_dist.config import QUANT_SCHEMES, ExportConfig
 from hyperloop_dist.export.hf_model import HyperloopForCausalLM, hf_config
-from hyperloop_dist.export.int4 import BLOCK_LINEARS, HEAD, STORAGE_DTYPE, target_modules
-from hyperloop_dist.export.model_card import finish_int4_release, training_facts
-from hyperloop_dist.export.quantize_release import calibration_batches, load_source
-from hyperloop_dist.export.release import RELEASE_FORMAT, new_release_dir
+from hyperloop_dist.export.int4 import BLOCK_LINEARS, HEAD, STORAGE_DTYPE, target_modules, weight_args
 from hyperloop_dist.export.remote_code import write_tokenizer
 from hyperloop_dist.model.reference import ReferenceModel
 
@@ -197,6 +189,29 @@ def quantize_in_memory(hf: HyperloopForCausalLM, scheme: str, e: ExportConfig, c
             hf.config.name_or_path = ""
 
 
+def gptq_weights(model: ReferenceModel, export: ExportConfig, calibration: list[torch.Tensor],
+                 tokenizer: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """llm-compressor's GPTQ (``W4A16``) of ``model``'s targeted Linear weights, as (fake-quantized float32
+    weight, bf16 scales) per reference module name: what ``hyperloop export --int4 method=gptq`` writes.
+    The model is left unchanged."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    hf = transformers_model(model).to(STORAGE_DTYPE)
+    quantize_in_memory(hf, "W4A16", export, calibration, tokenizer)
+    args = weight_args(export.group_size)
+    modules = dict(hf.model.named_modules())
+    weights, scales = {}, {}
+    for name, module in target_modules(model, export).items():
+        if not isinstance(module, torch.nn.Linear):
+            continue  # an embedding has no Hessian: the caller rounds it to nearest
+        quantized = modules[name]
+        scale = quantized.weight_scale.detach().to(STORAGE_DTYPE).clone()
+        # Exactly q * scale as compressed-tensors rebuilds it from the packed file.
+        weights[name] = fake_quantize(quantized.weight.detach().float(), scale, None, args)
+        scales[name] = scale
+    return weights, scales
+
+
 def release_loss(path: str | Path, windows: torch.Tensor, batch_size: int = 8) -> float:
     """Mean held-out next-token loss of a release loaded through ``AutoModelForCausalLM`` in bf16, its
     storage dtype (a quantized release runs compressed-tensors' quantized forward)."""
@@ -220,69 +235,3 @@ def weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-@dataclass
-class QuantizeReport:
-    out: Path
-    scheme: str
-    bf16_loss: float
-    loss: float
-    bf16_bytes: int
-    bytes: int
-    heldout_tokens: int
-    seconds: float
-
-    def table(self) -> str:
-        rows = [("bf16", self.bf16_loss, "", self.bf16_bytes, ""),
-                (self.scheme, self.loss, f"{self.loss - self.bf16_loss:+.4f}", self.bytes, f"{self.seconds:.1f}")]
-        lines = [f"{'model':<14} {'held-out loss':>13} {'gap':>8} {'weights on disk':>16} {'quantize s':>10}"]
-        lines += [f"{name:<14} {loss:>13.4f} {gap:>8} {size / 1e6:>13.2f} MB {s:>10}" for name, loss, gap, size, s in rows]
-        lines.append(f"{self.heldout_tokens:,} held-out tokens; both run by the transformers class in bf16 (the "
-                     f"quantized one loaded back from {self.out})")
-        return "\n".join(lines)
-
-
-def export_quantized(source: str | Path, out: str | Path, scheme: str, overrides: list[str] | None = None,
-                     log: Log = print) -> QuantizeReport:
-    """Quantize ``source`` (checkpoint, run directory or release) with llm-compressor's ``scheme`` and write a
-    compressed-tensors release ``out``; report its held-out loss, loaded back, next to the bf16 model's."""
-    if scheme not in SCHEMES:
-        raise ConfigError(f"--quantize {scheme}: unknown scheme; choose one of {', '.join(SCHEMES)}")
-    model, cfg, tokenizer = load_source(source, overrides or [])
-    if cfg.export.quantize_embedding:
-        raise ConfigError("export.quantize_embedding=true: --quantize leaves the embedding in bf16 (vLLM serves "
-                          "quantized Linear layers); use --int4 for an INT4 embedding")
-    torch.set_num_threads(cfg.train.threads_per_rank)
-    e = cfg.export
-    if scheme.startswith("W4A16"):
-        target_modules(model, e)  # a group size that does not fit stops here, named, before calibration
-    calibration = calibration_batches(cfg) if SCHEMES[scheme].calibrated else []
-    windows = heldout_windows(cfg, e.heldout_windows, tokenizer=tokenizer)
-    bf16 = transformers_model(model).to(STORAGE_DTYPE)
-    bf16_loss = hf_loss(bf16, windows)
-    bf16_bytes = sum(t.numel() * t.element_size() for t in bf16.state_dict().values())
-    del bf16
-    description = SCHEMES[scheme].description.format(group=e.group_size)
-    log(f"quantizing {cfg.model.kind} with llm-compressor: {scheme} ({description}"
-        f"{f'; {len(calibration)} calibration batches' if calibration else ''})")
-    hf = transformers_model(model).to(STORAGE_DTYPE)  # what is not quantized is stored in bf16, as --int4 does
-    start = time.perf_counter()
-    quantize_in_memory(hf, scheme, e, calibration, cfg.data.tokenizer)
-    seconds = time.perf_counter() - start
-    with new_release_dir(out) as tmp:
-        hf.save_pretrained(str(tmp), save_compressed=True)
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
-        loss = release_loss(tmp, windows)  # what a downstream team loads, not the in-memory model
-        info = json.loads((tmp / "config.json").read_text())
-        info.update({"format": RELEASE_FORMAT, "model": dataclasses.asdict(model.cfg),
-                     "quantized": {"scheme": scheme, "description": description,
-                                   "tool": "llm-compressor", "heldout_loss": loss, "bf16_heldout_loss": bf16_loss,
-                                   "heldout_tokens": windows[:, 1:].numel(),
-                                   "export": {k: v for k, v in dataclasses.asdict(e).items()
-                                              if k not in ("method", "format")}}})
-        if training := training_facts(source):
-            info["training"] = training
-        (tmp / "config.json").write_text(json.dumps(info, indent=1))
-        finish_int4_release(tmp)  # model code, tokenizer.json, README.md
-        size = weights_bytes(tmp)
-    return QuantizeReport(Path(out), scheme, bf16_loss, loss, bf16_bytes, size, windows[:, 1:].numel(), seconds)

@@ -1,4 +1,5 @@
-"""``hyperloop export --int4``: checkpoint, run directory or release in, INT4 release out, loss gap reported.
+"""``hyperloop export --int4`` and ``--quantize``: checkpoint, run directory or release in, quantized release
+out, loss gap reported.
 
 Calibration batches are the training pipeline's own (``make_batches`` of the run's data config), the
 held-out windows the pipeline's held-out split. The report puts held-out loss and size on disk of the
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +23,35 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hyperloop_dist.checkpoint.store import CheckpointError
-from hyperloop_dist.config import Config, load_config, validate_export
+from hyperloop_dist.config import Config, ConfigError, ExportConfig, load_config, validate_export
 from hyperloop_dist.evaluation.heldout import heldout_windows
 from hyperloop_dist.evaluation.heldout import reference_heldout_loss as heldout_loss
 from hyperloop_dist.export.compressed import WEIGHTS, is_int4_release, load_int4_release, write_int4_release
 from hyperloop_dist.export.int4 import (
     STORAGE_DTYPE,
+    QuantizedWeights,
     apply_fake_quantized,
-    quantize_model,
+    quantize_rtn_model,
     storage_rounded,
     target_modules,
 )
-from hyperloop_dist.export.model_card import training_facts
-from hyperloop_dist.export.release import checkpoint_model, load_release, release_config
+from hyperloop_dist.export.llm_compressor import (
+    SCHEMES,
+    gptq_weights,
+    hf_loss,
+    quantize_in_memory,
+    release_loss,
+    transformers_model,
+    weights_bytes,
+)
+from hyperloop_dist.export.model_card import finish_int4_release, training_facts
+from hyperloop_dist.export.release import (
+    RELEASE_FORMAT,
+    checkpoint_model,
+    load_release,
+    new_release_dir,
+    release_config,
+)
 from hyperloop_dist.model.reference import ReferenceModel
 
 Log = Callable[[str], object]
@@ -71,6 +91,20 @@ def calibration_batches(cfg: Config) -> list[torch.Tensor]:
     prepare_corpus(cfg, log=lambda *_: None)
     batches = make_batches(cfg, dp_rank=0, dp_size=1)
     return [batches.next(step, 0)[0] for step in range(cfg.export.calibration_batches)]
+
+
+def quantize_model(model: ReferenceModel, export: ExportConfig, calibration: list[torch.Tensor] | None = None,
+                   tokenizer: str | Path | None = None) -> QuantizedWeights:
+    """``export.method`` INT4 of the targeted weights of ``model`` (left unchanged): ``rtn``, or ``gptq``
+    through llm-compressor (``calibration`` batches; ``tokenizer``, the run's sentencepiece model, is what
+    llm-compressor wants beside them). An embedding, which has no Hessian, is rounded to nearest."""
+    if export.method == "rtn":
+        return quantize_rtn_model(model, export)
+    if not calibration or tokenizer is None:
+        raise ValueError("GPTQ needs calibration batches and the tokenizer; none were given")
+    rtn = quantize_rtn_model(model, export)
+    weights, scales = gptq_weights(model, export, calibration, tokenizer)
+    return QuantizedWeights({**rtn.weights, **weights}, {**rtn.scales, **scales}, "gptq", export.group_size)
 
 
 def quantized_layer_bytes(weights_file: str | Path) -> tuple[int, int]:
@@ -132,7 +166,7 @@ def export_int4(source: str | Path, out: str | Path, overrides: list[str] | None
     calibration = calibration_batches(cfg) if e.method == "gptq" else []
     log(f"quantizing {cfg.model.kind} to INT4 ({e.method}, group size {e.group_size}"
         f"{f', {len(calibration)} calibration batches' if calibration else ''})")
-    quantized = quantize_model(model, e, calibration)
+    quantized = quantize_model(model, e, calibration, cfg.data.tokenizer)
     fake = apply_fake_quantized(copy.deepcopy(model), quantized)
     windows = heldout_windows(cfg, e.heldout_windows, tokenizer=tokenizer)
     bf16_loss = heldout_loss(storage_rounded(copy.deepcopy(model)), windows)
@@ -156,3 +190,70 @@ def export_int4(source: str | Path, out: str | Path, overrides: list[str] | None
                           (Path(out) / WEIGHTS).stat().st_size, q_int4, q_bf16, windows[:, 1:].numel(), diff)
     return report
 
+
+@dataclass
+class QuantizeReport:
+    out: Path
+    scheme: str
+    bf16_loss: float
+    loss: float
+    bf16_bytes: int
+    bytes: int
+    heldout_tokens: int
+    seconds: float
+
+    def table(self) -> str:
+        rows = [("bf16", self.bf16_loss, "", self.bf16_bytes, ""),
+                (self.scheme, self.loss, f"{self.loss - self.bf16_loss:+.4f}", self.bytes, f"{self.seconds:.1f}")]
+        lines = [f"{'model':<14} {'held-out loss':>13} {'gap':>8} {'weights on disk':>16} {'quantize s':>10}"]
+        lines += [f"{name:<14} {loss:>13.4f} {gap:>8} {size / 1e6:>13.2f} MB {s:>10}" for name, loss, gap, size, s in rows]
+        lines.append(f"{self.heldout_tokens:,} held-out tokens; both run by the transformers class in bf16 (the "
+                     f"quantized one loaded back from {self.out})")
+        return "\n".join(lines)
+
+
+def export_quantized(source: str | Path, out: str | Path, scheme: str, overrides: list[str] | None = None,
+                     log: Log = print) -> QuantizeReport:
+    """Quantize ``source`` (checkpoint, run directory or release) with llm-compressor's ``scheme`` and write a
+    compressed-tensors release ``out``; report its held-out loss, loaded back, next to the bf16 model's."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"--quantize {scheme}: unknown scheme; choose one of {', '.join(SCHEMES)}")
+    model, cfg, tokenizer = load_source(source, overrides or [])
+    if cfg.export.quantize_embedding:
+        raise ConfigError("export.quantize_embedding=true: --quantize leaves the embedding in bf16 (vLLM serves "
+                          "quantized Linear layers); use --int4 for an INT4 embedding")
+    torch.set_num_threads(cfg.train.threads_per_rank)
+    e = cfg.export
+    if scheme.startswith("W4A16"):
+        target_modules(model, e)  # a group size that does not fit stops here, named, before calibration
+    calibration = calibration_batches(cfg) if SCHEMES[scheme].calibrated else []
+    windows = heldout_windows(cfg, e.heldout_windows, tokenizer=tokenizer)
+    bf16 = transformers_model(model).to(STORAGE_DTYPE)
+    bf16_loss = hf_loss(bf16, windows)
+    bf16_bytes = sum(t.numel() * t.element_size() for t in bf16.state_dict().values())
+    del bf16
+    description = SCHEMES[scheme].description.format(group=e.group_size)
+    log(f"quantizing {cfg.model.kind} with llm-compressor: {scheme} ({description}"
+        f"{f'; {len(calibration)} calibration batches' if calibration else ''})")
+    hf = transformers_model(model).to(STORAGE_DTYPE)  # what is not quantized is stored in bf16, as --int4 does
+    start = time.perf_counter()
+    quantize_in_memory(hf, scheme, e, calibration, cfg.data.tokenizer)
+    seconds = time.perf_counter() - start
+    with new_release_dir(out) as tmp:
+        hf.save_pretrained(str(tmp), save_compressed=True)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        loss = release_loss(tmp, windows)  # what a downstream team loads, not the in-memory model
+        info = json.loads((tmp / "config.json").read_text())
+        info.update({"format": RELEASE_FORMAT, "model": dataclasses.asdict(model.cfg),
+                     "quantized": {"scheme": scheme, "description": description,
+                                   "tool": "llm-compressor", "heldout_loss": loss, "bf16_heldout_loss": bf16_loss,
+                                   "heldout_tokens": windows[:, 1:].numel(),
+                                   "export": {k: v for k, v in dataclasses.asdict(e).items()
+                                              if k not in ("method", "format")}}})
+        if training := training_facts(source):
+            info["training"] = training
+        (tmp / "config.json").write_text(json.dumps(info, indent=1))
+        finish_int4_release(tmp)  # model code, tokenizer.json, README.md
+        size = weights_bytes(tmp)
+    return QuantizeReport(Path(out), scheme, bf16_loss, loss, bf16_bytes, size, windows[:, 1:].numel(), seconds)
