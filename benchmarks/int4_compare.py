@@ -89,25 +89,23 @@ def side_by_side(run_dir: Path, settings: list[str], work: Path) -> dict[str, di
     seconds to quantize, weights bytes on disk."""
     from hyperloop_dist.evaluation.heldout import heldout_windows
     from hyperloop_dist.export.compressed import write_int4_release
-    from hyperloop_dist.export.llm_compressor import (
-        hf_loss,
-        quantize_in_memory,
-        release_loss,
-        transformers_model,
-        weights_bytes,
-    )
+    from hyperloop_dist.export.llm_compressor import release_loss, weights_bytes
     from hyperloop_dist.export.quantize_release import (
         bf16_weights_bytes,
         calibration_batches,
+        export_quantized,
         load_source,
         quantize_model,
     )
 
+    reports = {scheme: export_quantized(run_dir, work / f"{run_dir.name}-{scheme}", scheme, settings,
+                                        log=lambda *_: None) for scheme in SCHEMES}
     model, cfg, _ = load_source(run_dir, settings)
     windows = heldout_windows(cfg, cfg.export.heldout_windows)
     calibration = calibration_batches(cfg)
-    rows = {"bf16": {"loss": hf_loss(transformers_model(model).to(torch.bfloat16), windows), "s": 0.0,
-                     "bytes": bf16_weights_bytes(model)}}
+    first = reports[SCHEMES[0]]
+    rows = {"bf16": {"loss": first.bf16_loss, "s": 0.0, "bytes": bf16_weights_bytes(model),
+                     "tokens": first.heldout_tokens}}
     for method in INT4_METHODS:
         out = work / f"{run_dir.name}-int4-{method}"
         start = time.perf_counter()
@@ -116,15 +114,8 @@ def side_by_side(run_dir: Path, settings: list[str], work: Path) -> dict[str, di
         seconds = time.perf_counter() - start
         write_int4_release(model, q, e, out)
         rows[f"--int4 {method}"] = {"loss": release_loss(out, windows), "s": seconds, "bytes": weights_bytes(out)}
-    for scheme in SCHEMES:
-        out = work / f"{run_dir.name}-{scheme}"
-        hf = transformers_model(copy.deepcopy(model)).to(torch.bfloat16)
-        start = time.perf_counter()
-        quantize_in_memory(hf, scheme, cfg.export, calibration if scheme != "W4A16-RTN" else [], cfg.data.tokenizer)
-        seconds = time.perf_counter() - start
-        hf.save_pretrained(str(out), save_compressed=True)
-        rows[f"--quantize {scheme}"] = {"loss": release_loss(out, windows), "s": seconds, "bytes": weights_bytes(out)}
-    rows["bf16"]["tokens"] = windows[:, 1:].numel()
+    for scheme, report in reports.items():
+        rows[f"--quantize {scheme}"] = {"loss": report.loss, "s": report.seconds, "bytes": report.bytes}
     return rows
 
 

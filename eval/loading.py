@@ -101,12 +101,17 @@ def _load_int4_release(path: Path) -> LoadedModel:
     notes = [("INT4", f"{info.get('method', '?')}, group size {info.get('group_size', '?')}, "
                       f"{(path / WEIGHTS).stat().st_size / 1e6:.2f} MB on disk")]
     if "bf16_heldout_loss" in info:
-        notes.append(("at export (same held-out windows)",
-                      f"bf16 {info['bf16_heldout_loss']:.4f} vs INT4 {info['heldout_loss']:.4f} "
-                      f"(gap {info['heldout_loss'] - info['bf16_heldout_loss']:+.4f}, {info['heldout_tokens']:,} tokens)"))
+        notes.append(_at_export(info, "INT4"))
     if "bf16_weights_bytes" in info:
         notes.append(("bf16 weights would take", f"{info['bf16_weights_bytes'] / 1e6:.2f} MB"))
     return LoadedModel(model, model.cfg, path / "tokenizer.model", f"INT4 release {path}", notes)
+
+
+def _at_export(info: dict, name: str) -> tuple[str, str]:
+    """The note row for the losses a quantized release recorded at export."""
+    bf16, quantized = info["bf16_heldout_loss"], info["heldout_loss"]
+    return ("at export (same held-out windows)",
+            f"bf16 {bf16:.4f} vs {name} {quantized:.4f} (gap {quantized - bf16:+.4f}, {info['heldout_tokens']:,} tokens)")
 
 
 def _load_quantized_release(path: Path, info: dict) -> LoadedModel:
@@ -122,10 +127,7 @@ def _load_quantized_release(path: Path, info: dict) -> LoadedModel:
                               f"heldout_loss = {info['heldout_loss']:.4f}); run it through AutoModelForCausalLM "
                               "or vLLM for other measurements")
     model = load_int4_release(path)
-    notes = [(scheme, f"{info['description']} (llm-compressor)"),
-             ("at export (same held-out windows)",
-              f"bf16 {info['bf16_heldout_loss']:.4f} vs {scheme} {info['heldout_loss']:.4f} "
-              f"(gap {info['heldout_loss'] - info['bf16_heldout_loss']:+.4f}, {info['heldout_tokens']:,} tokens)")]
+    notes = [(scheme, f"{info['description']} (llm-compressor)"), _at_export(info, scheme)]
     return LoadedModel(model, model.cfg, path / "tokenizer.model", f"{scheme} release {path}", notes)
 
 

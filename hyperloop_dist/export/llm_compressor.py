@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hyperloop_dist.config import QUANT_SCHEMES, ExportConfig
+from hyperloop_dist.evaluation.heldout import reference_heldout_loss
 from hyperloop_dist.export.hf_model import HyperloopForCausalLM, hf_config
 from hyperloop_dist.export.int4 import BLOCK_LINEARS, HEAD, STORAGE_DTYPE, target_modules, weight_args
 from hyperloop_dist.export.remote_code import write_tokenizer
@@ -222,13 +222,8 @@ def release_loss(path: str | Path, windows: torch.Tensor, batch_size: int = 8) -
 
 
 def hf_loss(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for rows in windows.split(batch_size):
-            logits = model(input_ids=rows[:, :-1]).logits.float()
-            total += F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").item()
-            count += rows[:, 1:].numel()
-    return total / count
+    """Mean held-out NLL of a transformers causal LM, reduced as every held-out figure here is."""
+    return reference_heldout_loss(lambda tokens: model(input_ids=tokens).logits, windows, batch_size)
 
 
 def weights_bytes(path: Path) -> int:

@@ -171,9 +171,10 @@ def export_int4(source: str | Path, out: str | Path, overrides: list[str] | None
     windows = heldout_windows(cfg, e.heldout_windows, tokenizer=tokenizer)
     bf16_loss = heldout_loss(storage_rounded(copy.deepcopy(model)), windows)
     int4_loss = heldout_loss(fake, windows)
+    bf16_bytes = bf16_weights_bytes(model)
     write_int4_release(model, quantized, e, out, tokenizer,
                        extra={"heldout_loss": int4_loss, "bf16_heldout_loss": bf16_loss,
-                              "heldout_tokens": windows[:, 1:].numel(), "bf16_weights_bytes": bf16_weights_bytes(model),
+                              "heldout_tokens": windows[:, 1:].numel(), "bf16_weights_bytes": bf16_bytes,
                               "export": dataclasses.asdict(e)}, training=training_facts(source))
     if e.format == "gguf":
         from hyperloop_dist.export.gguf_container import GGUF_FILE, write_gguf
@@ -186,7 +187,7 @@ def export_int4(source: str | Path, out: str | Path, overrides: list[str] | None
     if diff > 1e-4:
         raise RuntimeError(f"{out}: the written release's logits differ from the quantized model's by {diff}")
     q_int4, q_bf16 = quantized_layer_bytes(Path(out) / WEIGHTS)
-    report = ExportReport(Path(out), e.method, e.group_size, bf16_loss, int4_loss, bf16_weights_bytes(model),
+    report = ExportReport(Path(out), e.method, e.group_size, bf16_loss, int4_loss, bf16_bytes,
                           (Path(out) / WEIGHTS).stat().st_size, q_int4, q_bf16, windows[:, 1:].numel(), diff)
     return report
 
@@ -228,14 +229,12 @@ def export_quantized(source: str | Path, out: str | Path, scheme: str, overrides
         target_modules(model, e)  # a group size that does not fit stops here, named, before calibration
     calibration = calibration_batches(cfg) if SCHEMES[scheme].calibrated else []
     windows = heldout_windows(cfg, e.heldout_windows, tokenizer=tokenizer)
-    bf16 = transformers_model(model).to(STORAGE_DTYPE)
-    bf16_loss = hf_loss(bf16, windows)
-    bf16_bytes = sum(t.numel() * t.element_size() for t in bf16.state_dict().values())
-    del bf16
+    hf = transformers_model(model).to(STORAGE_DTYPE)  # what is not quantized is stored in bf16, as --int4 does
+    bf16_loss = hf_loss(hf, windows)  # before quantizing, the bf16 model itself
+    bf16_bytes = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
     description = SCHEMES[scheme].description.format(group=e.group_size)
     log(f"quantizing {cfg.model.kind} with llm-compressor: {scheme} ({description}"
         f"{f'; {len(calibration)} calibration batches' if calibration else ''})")
-    hf = transformers_model(model).to(STORAGE_DTYPE)  # what is not quantized is stored in bf16, as --int4 does
     start = time.perf_counter()
     quantize_in_memory(hf, scheme, e, calibration, cfg.data.tokenizer)
     seconds = time.perf_counter() - start
