@@ -14,9 +14,18 @@ Schedule (``parallel.pp_schedule``, ``parallel/pipeline_schedule.py``): forwards
 interleaved order (micro-batches in groups of P, inside a group pass by pass: the L virtual chunks per rank
 here share one module). ``1f1b`` (default) interleaves each backward as soon as it is ready, which caps
 the forwards in flight on a rank at about ``L·P + 2(P-1-r)`` slices (about P micro-batches) whatever
-``grad_accum`` is; ``gpipe`` runs every forward before any backward and so holds all ``m·L``. Sends never
-block, every rank's order is consistent with one global time line, and a receiver reads each channel in
-its sender's order (every rank computes every rank's order): no deadlock, and no tags needed.
+``grad_accum`` is; ``gpipe`` runs every forward before any backward and so holds all ``m·L``.
+
+Every rank computes every rank's order and runs it in synchronous rounds (``pipeline_schedule.rounds``):
+a rank runs a task, then posts one ``batch_isend_irecv`` with what it produced and what its neighbours
+produced for it in the same round (as Megatron's ``_batched_p2p_ops`` pairs its sends and receives), so
+each send meets its receive in batches of the same round on both sides: no deadlock, and no tags needed.
+Posting each send on its own when it is ready, as this pipeline first did, can hang under NCCL: a send
+may hold its stream until the peer's matching receive runs, and two stages that each post a send to the
+other before their receive from it (PP=2's ring, or activations one way and gradients the other in 1F1B)
+each wait behind a send the other cannot take yet, once a message outgrows NCCL's buffer (one activation
+of a 2560-wide model at 2048 tokens is 10 MB in bf16). ``tests/test_pipeline_schedule.py`` replays every
+schedule against that model.
 
 Bubble (idle fraction per rank), m micro-batches, P stages, L passes, equal per-stage work:
 circular ``(P - 1) / (m L + P - 1)`` against ``(P - 1) / (m + P - 1)`` for a plain pipeline over the
@@ -27,7 +36,6 @@ measures both.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -35,8 +43,7 @@ import torch.distributed as dist
 
 from hyperloop_dist.model.hyper_connections import num_passes
 from hyperloop_dist.model.hyperloop import HyperloopModel
-from hyperloop_dist.parallel.pipeline_schedule import Message, Task, consumer_of, messages, producer_of
-from hyperloop_dist.parallel.pipeline_schedule import build as build_schedule
+from hyperloop_dist.parallel.pipeline_schedule import Message, Task, consumer_of, producer_of, rounds
 
 
 def bubble_fraction(stages: int, microbatches: int, passes: int) -> float:
@@ -84,39 +91,38 @@ class CircularPipeline:
         self.passes = num_passes(cfg.kind, cfg.loops)
         self.shape = (self._length(cfg.seq_length), micro_batch_size, *self._width())
         self.dtype = model.config.params_dtype
-        self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self._outgoing: list[tuple[torch.Tensor, int]] = []  # this round's (output, pipeline rank)
         self._inbox: dict[Message, torch.Tensor] = {}
-        self._channels: dict[int, deque[Message]] = {}
         self.stats = PipelineStats()
 
     # ------------------------------------------------------------------ communication
 
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
-        # Drop finished sends as we go: holding every sent tensor to the end of the step would keep the
-        # activations 1F1B has already freed.
-        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
-        tensor = tensor.detach().contiguous()
-        self._sends.append((dist.isend(tensor, self.ranks[dst]), tensor))
+        """Queue ``tensor`` for pipeline rank ``dst``: it leaves in this round's batch."""
+        self._outgoing.append((tensor.detach().contiguous(), dst))
 
-    def _recv(self, src: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Blocking receive from global rank ``src`` (idle time counted in :attr:`stats`)."""
-        buf = torch.empty(shape or self.shape, dtype=self.dtype, device=self._device())
+    def _exchange(self, recvs: tuple[tuple[Message, int], ...]) -> None:
+        """This round's batch: the queued sends and the receives of ``recvs`` (message, pipeline rank),
+        which land in the inbox (time blocked counted in :attr:`stats`)."""
+        buffers = {msg: torch.empty(self.shape, dtype=self.dtype, device=self._device()) for msg, _ in recvs}
+        ops = [dist.P2POp(dist.isend, tensor, self.ranks[dst], self.group) for tensor, dst in self._outgoing]
+        ops += [dist.P2POp(dist.irecv, buffers[msg], self.ranks[src], self.group) for msg, src in recvs]
+        self._outgoing.clear()
+        if not ops:
+            return
         start = time.perf_counter()
-        dist.recv(buf, src)
+        for work in dist.batch_isend_irecv(ops):  # one work per operation, or one for the batch (NCCL)
+            work.wait()
         self.stats.wait_s += time.perf_counter() - start
+        self._inbox.update(buffers)
+
+    def _recv(self, src: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Blocking receive from global rank ``src`` (evaluation's one-micro-batch route)."""
+        buf = torch.empty(shape, dtype=self.dtype, device=self._device())
+        dist.recv(buf, src, group=self.group)
         return buf
 
-    def _take(self, message: Message, src: int) -> torch.Tensor:
-        """``message`` from pipeline rank ``src``; earlier messages on that channel are read and kept."""
-        while message not in self._inbox:
-            self._inbox[self._channels[src].popleft()] = self._recv(self.ranks[src])
-        return self._inbox.pop(message)
-
     # ------------------------------------------------------------------ schedule
-
-    def order(self, micro_batches: int) -> tuple[Task, ...]:
-        """This rank's tasks (forward and backward) for a step of ``micro_batches``."""
-        return build_schedule(self.schedule, self.size, self.passes, micro_batches)[self.rank]
 
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Forward + backward of all ``batches`` (micro-batches); returns their mean loss on every stage.
@@ -127,23 +133,20 @@ class CircularPipeline:
         start = time.perf_counter()
         self.stats = PipelineStats()
         m = len(batches)
-        orders = build_schedule(self.schedule, self.size, self.passes, m)
-        self._channels = {src: deque(msg for msg, dst in messages(orders[src], src, self.size, self.passes)
-                                     if dst == self.rank) for src in range(self.size) if src != self.rank}
         carries: dict[int, tuple[torch.Tensor, ...]] = {}
         carry_grads: dict[int, tuple[torch.Tensor | None, ...]] = {}
         live: dict[Task, _Live] = {}
         losses: list[torch.Tensor] = []
-        for task in orders[self.rank]:
-            if task.backward:
+        for round_ in rounds(self.schedule, self.size, self.passes, m)[self.rank]:
+            task = round_.task
+            if task is not None and task.backward:
                 self._backward(task, live.pop(task.forward), carry_grads)
-            else:
+            elif task is not None:
                 live[task] = self._forward(task, batches, carries, losses)
+            assert len(self._outgoing) == len(round_.sends), "pipeline round sent other than planned"
+            self._exchange(round_.recvs)
         assert not live and not self._inbox, "pipeline schedule left work behind"
 
-        for work, _ in self._sends:
-            work.wait()
-        self._sends.clear()
         mean = torch.stack(losses).mean() if losses else torch.zeros((), dtype=torch.float32)
         dist.broadcast(mean, self.last_rank, group=self.group)
         self.stats.total_s = time.perf_counter() - start
@@ -155,7 +158,7 @@ class CircularPipeline:
         source = producer_of(task, self.rank, self.size, self.passes)
         remote = None
         if source is not None:
-            remote = self._take(Message(source[0], grad=False), source[1]).requires_grad_()
+            remote = self._inbox.pop(Message(source[0], grad=False)).requires_grad_()
         if task.kind == "H":
             loss = self.model.finish(remote, batches[k][1].to(remote.device)).mean()
             losses.append(loss.detach())
@@ -179,8 +182,7 @@ class CircularPipeline:
         if task.kind == "H":
             grads: list[torch.Tensor | None] = [torch.ones_like(live.output)]
         else:
-            grads = [self._take(Message(task.forward, grad=True),
-                                consumer_of(task.forward, self.rank, self.size, self.passes)[1])]
+            grads = [self._inbox.pop(Message(task.forward, grad=True))]
         if live.carry_output:
             outputs.extend(live.carry_output)
             grads.extend(carry_grads.pop(k, (None,) * len(live.carry_output)))
@@ -210,11 +212,11 @@ class CircularPipeline:
                 if loop == self.passes:
                     break
                 x = x if self.first else self._recv(self.prev_rank, shape)
-                dist.send(self.model.run_middle(x).contiguous(), self._forward_target())
+                dist.send(self.model.run_middle(x).contiguous(), self._forward_target(), group=self.group)
                 if self.first:
                     y = self._recv(self.last_rank, shape)
             if self.first:
-                dist.send(x.contiguous(), self.last_rank)
+                dist.send(x.contiguous(), self.last_rank, group=self.group)
             if self.last:
                 loss = self.model.finish(self._recv(self.first_rank, shape), labels.to(device)).float()
             else:

@@ -7,9 +7,10 @@ One micro-batch ``k`` is a chain of tasks round the ring of ``P`` stages, ``L`` 
 ``F(l,k)`` runs this rank's slice of the middle block for pass ``l`` (on the first stage after the loop
 boundary of pass ``l``, and for ``l = 0`` the embedding), ``B0(k)`` is the final loop boundary, ``H(k)``
 the end block and the loss. Its backward is the same chain reversed. Every rank computes every rank's
-order (it is a pure function of ``P, L, m``), so a receiver knows the order in which a sender's
-messages leave: :class:`~hyperloop_dist.parallel.pipeline.CircularPipeline` reads each channel in that
-order, whatever the order in which it needs them (no tags, which NCCL does not have).
+order (it is a pure function of ``P, L, m``), and from the orders the synchronous rounds
+(:func:`rounds`) in which :class:`~hyperloop_dist.parallel.pipeline.CircularPipeline` runs them: each
+message travels in one batch of the round that produced it, which its sender and its receiver both post
+(no tags, which NCCL does not have, and no send waiting ahead of a receive).
 
 Forward tasks on a rank always run in Megatron's interleaved order: micro-batches in groups of ``P``,
 inside a group pass by pass (the ``L`` passes play the ``L`` virtual chunks, here sharing one module).
@@ -190,17 +191,73 @@ def _backward(task: Task) -> Task:
     return Task(task.kind, task.loop, task.micro, True)
 
 
+def sent_by(task: Task, rank: int, stages: int, passes: int) -> tuple[Message, int] | None:
+    """(message, destination rank) that ``task`` sends when it has run, or None."""
+    if task.backward:
+        source = producer_of(task.forward, rank, stages, passes)
+        return None if source is None else (Message(source[0], grad=True), source[1])
+    target = consumer_of(task, rank, stages, passes)
+    return None if target is None else (Message(task, grad=False), target[1])
+
+
+def needed_by(task: Task, rank: int, stages: int, passes: int) -> tuple[Message, int] | None:
+    """(message, source rank) that ``task`` needs from another stage before it runs, or None."""
+    if task.backward:
+        consumer = consumer_of(task.forward, rank, stages, passes)
+        return None if consumer is None else (Message(task.forward, grad=True), consumer[1])
+    source = producer_of(task, rank, stages, passes)
+    return None if source is None else (Message(source[0], grad=False), source[1])
+
+
 def messages(order: tuple[Task, ...], rank: int, stages: int, passes: int) -> Iterator[tuple[Message, int]]:
     """The messages ``rank`` sends, in the order it sends them, with their destination."""
     for task in order:
-        if task.backward:
-            source = producer_of(task.forward, rank, stages, passes)
-            if source is not None:
-                yield Message(source[0], grad=True), source[1]
-        else:
-            target = consumer_of(task, rank, stages, passes)
-            if target is not None:
-                yield Message(task, grad=False), target[1]
+        sent = sent_by(task, rank, stages, passes)
+        if sent is not None:
+            yield sent
+
+
+@dataclass(frozen=True)
+class Round:
+    """One rank's share of a round: the task it runs (if any), then one batch of point-to-point operations:
+    what it sent this round and what its neighbours sent it this round."""
+
+    task: Task | None
+    sends: tuple[tuple[Message, int], ...]  # (message, destination rank)
+    recvs: tuple[tuple[Message, int], ...]  # (message, source rank)
+
+
+@lru_cache(maxsize=64)
+def rounds(schedule: str, stages: int, passes: int, micro_batches: int) -> tuple[tuple[Round, ...], ...]:
+    """Every rank's order (:func:`build`) cut into synchronous rounds, the form the pipeline runs.
+
+    In round ``t`` each rank runs its next task if the message it needs arrived in an earlier round; then
+    every message produced in round ``t`` travels in round ``t``'s batch, whose receives its destination
+    posts in its own round-``t`` batch. A rank's batches hold exactly the partners of its neighbours'
+    batches of the same round, so the exchanges complete even if a send waits for its receive (NCCL with a
+    message over its buffer size); rounds in which a rank neither runs nor receives are skipped.
+    """
+    orders = build(schedule, stages, passes, micro_batches)
+    position = [0] * stages
+    arrived: set[tuple[Message, int]] = set()  # (message, destination): producers' tasks repeat across ranks
+    plan: list[list[Round]] = [[] for _ in range(stages)]
+    while any(position[r] < len(orders[r]) for r in range(stages)):
+        ran: list[Task | None] = []
+        for r in range(stages):
+            task = orders[r][position[r]] if position[r] < len(orders[r]) else None
+            need = task and needed_by(task, r, stages, passes)
+            ran.append(task if task is not None and (need is None or (need[0], r) in arrived) else None)
+            position[r] += ran[r] is not None
+        if not any(ran):
+            raise RuntimeError(f"pipeline order cannot progress (schedule {schedule}, P={stages}, L={passes}, "
+                               f"m={micro_batches}), stuck at {position}")
+        sent = [task and sent_by(task, r, stages, passes) for r, task in enumerate(ran)]
+        for r in range(stages):
+            recvs = tuple((item[0], src) for src, item in enumerate(sent) if item and item[1] == r)
+            if ran[r] is not None or recvs:
+                plan[r].append(Round(ran[r], (sent[r],) if sent[r] else (), recvs))
+        arrived.update(item for item in sent if item)
+    return tuple(tuple(p) for p in plan)
 
 
 def max_in_flight(order: tuple[Task, ...]) -> int:
