@@ -73,8 +73,11 @@ def test_run_directory_contract(runs: dict) -> None:
         assert {"meta.json", "config.yaml", "tokenizer.model", "dist/metadata.json", "rng/rank_00000.pt",
                 "rng/rank_00001.pt"} <= files
         assert any(f.endswith(".distcp") for f in files)
-    stream_manifest = verify_checkpoint(runs["stream"] / "checkpoints" / f"step_{STEPS:08d}")
-    assert {"data/dp_00000.json", "data/dp_00001.json"} <= set(stream_manifest["files"])
+    stream_ckpt = runs["stream"] / "checkpoints" / f"step_{STEPS:08d}"
+    assert {"data/dp_00000.json", "data/dp_00001.json", "data/listing.json"} <= set(verify_checkpoint(stream_ckpt)["files"])
+    listing = json.loads((stream_ckpt / "data" / "listing.json").read_text())  # the files the stream reads, once
+    assert listing["files"] and len(listing["versions"]) == len(listing["files"])
+    assert all("files" not in json.loads((stream_ckpt / "data" / f"dp_{r:05d}.json").read_text()) for r in (0, 1))
     assert "data stream loader" in runs["stream_log"].stdout and "bad records skipped" in runs["stream_log"].stdout
     log = runs["dp2_log"]
     assert f"step {STEPS:>6}/{STEPS}" in log and "loss, last" in log  # progress + summary, rank 0 only
