@@ -10,6 +10,9 @@ downstream team gets; the bf16 row runs the same class on the bf16 weights.
 
     python benchmarks/int4_compare.py                      # fixture corpus, hidden 128, 300 steps, group 128
     python benchmarks/int4_compare.py --runs runs/int4 --steps 6000 --corpus data/english/
+    python benchmarks/int4_compare.py --runs runs/int4-wd0 --steps 6000 --weight-decay 0 --corpus data/english/
+
+The last one is where both kinds' RTN gap passes 0.02 nats (docs/export.md has its table).
 
 The methods differ only where RTN costs something: the script says whether RTN's gap reaches
 ``--decisive-gap`` (0.02 nats) and how much of it GPTQ and AWQ win back. (This script also made the
@@ -53,7 +56,8 @@ def train(kind: str, run_dir: Path, overrides: list[str], args: argparse.Namespa
         return 0.0
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "hyperloop_dist.cli", "train", *overrides, f"model.kind={kind}",
-           f"train.steps={args.steps}", "train.micro_batch_size=16", f"optim.lr={args.lr}", "optim.warmup_steps=20",
+           f"train.steps={args.steps}", "train.micro_batch_size=16", f"optim.lr={args.lr}",
+           f"optim.weight_decay={args.weight_decay}", "optim.warmup_steps=20",
            "train.log_interval=50", "parallel.nproc_per_node=1", f"train.run_dir={run_dir}"]
     print(f"{kind}: training {args.steps} steps -> {run_dir}", flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -131,6 +135,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW weight decay (the recipes' 0.1; 0 lets weights grow outliers, so RTN costs more)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--calibration-batches", type=int, default=16)
     p.add_argument("--heldout-windows", type=int, default=256)
@@ -155,7 +161,8 @@ def main() -> None:
 
     tokens = next(iter(tables.values()))["bf16"]["tokens"]
     print(f"\nW4A16, symmetric, group {args.group_size}; hidden {args.hidden}, 1/2/1 layers x {args.loops} loops "
-          f"(transformer: {2 + 2 * args.loops} distinct layers), {args.steps} steps; {tokens:,} held-out tokens, "
+          f"(transformer: {2 + 2 * args.loops} distinct layers), {args.steps} steps, weight decay {args.weight_decay:g}; "
+          f"{tokens:,} held-out tokens, "
           f"{args.calibration_batches} calibration batches; every row loaded back through AutoModelForCausalLM (bf16)")
     print(f"{'kind':<12} {'method':<22} {'held-out':>9} {'gap':>8} {'quantize s':>10} {'weights MB':>10}")
     for kind, rows in tables.items():
