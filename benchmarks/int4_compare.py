@@ -95,7 +95,6 @@ def side_by_side(run_dir: Path, settings: list[str], work: Path) -> dict[str, di
     from hyperloop_dist.export.compressed import write_int4_release
     from hyperloop_dist.export.llm_compressor import release_loss, weights_bytes
     from hyperloop_dist.export.quantize_release import (
-        bf16_weights_bytes,
         calibration_batches,
         export_quantized,
         load_source,
@@ -108,7 +107,7 @@ def side_by_side(run_dir: Path, settings: list[str], work: Path) -> dict[str, di
     windows = heldout_windows(cfg, cfg.export.heldout_windows)
     calibration = calibration_batches(cfg)
     first = reports[SCHEMES[0]]
-    rows = {"bf16": {"loss": first.bf16_loss, "s": 0.0, "bytes": bf16_weights_bytes(model),
+    rows = {"bf16": {"loss": first.bf16_loss, "s": 0.0, "bytes": first.bf16_bytes,
                      "tokens": first.heldout_tokens}}
     for method in INT4_METHODS:
         out = work / f"{run_dir.name}-int4-{method}"

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from hyperloop_dist.model.hyper_connections import num_passes
 from hyperloop_dist.model.hyperloop import HyperloopModel
-from hyperloop_dist.parallel.pipeline_schedule import Message, Task, consumer_of, producer_of, rounds
+from hyperloop_dist.parallel.pipeline_schedule import Message, Round, Task, needed_by, rounds
 
 
 def bubble_fraction(stages: int, microbatches: int, passes: int) -> float:
@@ -91,22 +91,24 @@ class CircularPipeline:
         self.passes = num_passes(cfg.kind, cfg.loops)
         self.shape = (self._length(cfg.seq_length), micro_batch_size, *self._width())
         self.dtype = model.config.params_dtype
-        self._outgoing: list[tuple[torch.Tensor, int]] = []  # this round's (output, pipeline rank)
+        self._outgoing: list[torch.Tensor] = []  # this round's output, for the round's planned send
         self._inbox: dict[Message, torch.Tensor] = {}
         self.stats = PipelineStats()
 
     # ------------------------------------------------------------------ communication
 
-    def _send(self, tensor: torch.Tensor, dst: int) -> None:
-        """Queue ``tensor`` for pipeline rank ``dst``: it leaves in this round's batch."""
-        self._outgoing.append((tensor.detach().contiguous(), dst))
+    def _send(self, tensor: torch.Tensor) -> None:
+        """Queue a task's output: it leaves in this round's batch, to the rank the round plans."""
+        self._outgoing.append(tensor.detach().contiguous())
 
-    def _exchange(self, recvs: tuple[tuple[Message, int], ...]) -> None:
-        """This round's batch: the queued sends and the receives of ``recvs`` (message, pipeline rank),
-        which land in the inbox (time blocked counted in :attr:`stats`)."""
-        buffers = {msg: torch.empty(self.shape, dtype=self.dtype, device=self._device()) for msg, _ in recvs}
-        ops = [dist.P2POp(dist.isend, tensor, self.ranks[dst], self.group) for tensor, dst in self._outgoing]
-        ops += [dist.P2POp(dist.irecv, buffers[msg], self.ranks[src], self.group) for msg, src in recvs]
+    def _exchange(self, round_: Round) -> None:
+        """This round's batch: the queued output to its planned destination and the round's receives, which
+        land in the inbox (time blocked counted in :attr:`stats`)."""
+        assert len(self._outgoing) == len(round_.sends), "pipeline round sent other than planned"
+        buffers = {msg: torch.empty(self.shape, dtype=self.dtype, device=self._device()) for msg, _ in round_.recvs}
+        ops = [dist.P2POp(dist.isend, tensor, self.ranks[dst], self.group)
+               for tensor, (_, dst) in zip(self._outgoing, round_.sends, strict=True)]
+        ops += [dist.P2POp(dist.irecv, buffers[msg], self.ranks[src], self.group) for msg, src in round_.recvs]
         self._outgoing.clear()
         if not ops:
             return
@@ -143,8 +145,7 @@ class CircularPipeline:
                 self._backward(task, live.pop(task.forward), carry_grads)
             elif task is not None:
                 live[task] = self._forward(task, batches, carries, losses)
-            assert len(self._outgoing) == len(round_.sends), "pipeline round sent other than planned"
-            self._exchange(round_.recvs)
+            self._exchange(round_)
         assert not live and not self._inbox, "pipeline schedule left work behind"
 
         mean = torch.stack(losses).mean() if losses else torch.zeros((), dtype=torch.float32)
@@ -155,10 +156,8 @@ class CircularPipeline:
     def _forward(self, task: Task, batches: list[tuple[torch.Tensor, torch.Tensor]],
                  carries: dict[int, tuple[torch.Tensor, ...]], losses: list[torch.Tensor]) -> _Live:
         k = task.micro
-        source = producer_of(task, self.rank, self.size, self.passes)
-        remote = None
-        if source is not None:
-            remote = self._inbox.pop(Message(source[0], grad=False)).requires_grad_()
+        need = needed_by(task, self.rank, self.size, self.passes)
+        remote = None if need is None else self._inbox.pop(need[0]).requires_grad_()
         if task.kind == "H":
             loss = self.model.finish(remote, batches[k][1].to(remote.device)).mean()
             losses.append(loss.detach())
@@ -172,8 +171,7 @@ class CircularPipeline:
             live = _Live(x if task.kind == "B0" else self.model.run_middle(x), remote, carry_inputs, carry or ())
         else:
             live = _Live(self.model.run_middle(remote), remote)
-        target = consumer_of(task, self.rank, self.size, self.passes)
-        self._send(live.output, target[1])
+        self._send(live.output)
         return live
 
     def _backward(self, task: Task, live: _Live, carry_grads: dict[int, tuple[torch.Tensor | None, ...]]) -> None:
@@ -182,7 +180,7 @@ class CircularPipeline:
         if task.kind == "H":
             grads: list[torch.Tensor | None] = [torch.ones_like(live.output)]
         else:
-            grads = [self._inbox.pop(Message(task.forward, grad=True))]
+            grads = [self._inbox.pop(needed_by(task, self.rank, self.size, self.passes)[0])]
         if live.carry_output:
             outputs.extend(live.carry_output)
             grads.extend(carry_grads.pop(k, (None,) * len(live.carry_output)))
@@ -192,8 +190,7 @@ class CircularPipeline:
             carry_grads[k] = tuple(t.grad for t in live.carry_inputs)
         if live.remote_input is not None:
             grad = live.remote_input.grad
-            self._send(grad if grad is not None else torch.zeros_like(live.remote_input),
-                       producer_of(task.forward, self.rank, self.size, self.passes)[1])
+            self._send(grad if grad is not None else torch.zeros_like(live.remote_input))
 
     def token_nll(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward only, one micro-batch: per-token loss ``[b, s]`` on every stage (for evaluation).
